@@ -41,10 +41,10 @@ class ToyConfig(Section):
 class ModelConfig(Section):
     """Size of the toy animator, a diffusers `WanTransformer3DModel`."""
 
-    num_layers: int = 4
-    num_attention_heads: int = 4
+    num_layers: int = 6
+    num_attention_heads: int = 6
     attention_head_dim: int = 16
-    ffn_dim: int = 256
+    ffn_dim: int = 384
     text_dim: int = 16
     freq_dim: int = 64
     patch_size: tuple[int, int, int] = (1, 4, 4)
@@ -78,6 +78,7 @@ class PretrainConfig(Section):
 
 class SampleConfig(Section):
     num_clips: int = Field(256, ge=1)
+    per_pose: int = Field(2, ge=1)  # samples (seeds) per driving pose: DPO pairs need >= 2
     num_inference_steps: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 1000
@@ -137,7 +138,9 @@ class TrackingConfig(Section):
     experiment: str = "ipa-align"
     registered_model: str = "ipa-animator"
     alias: str = "champion"
-    max_retries: int = Field(3, ge=0)
+    max_retries: int = Field(3, ge=0)  # tries after the first, for an unreachable server
+    request_timeout_s: int = Field(10, ge=1)  # per HTTP request to a tracking server
+    register_out: str = "models/registered.json"  # `ipa register` record: name, version, run
 
 
 class PromoteConfig(Section):
@@ -145,6 +148,9 @@ class PromoteConfig(Section):
     margin: float = Field(0.02, ge=0.0)  # candidate must beat champion by this much
     # allowed regressions of global metrics (absolute)
     tolerances: dict[str, float] = {"psnr": 1.0, "ssim": 0.02}
+    out: str = "metrics/promotion.json"  # the decision `ipa promote` made (DVC output)
+    lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion
+    lock_stale_s: float = Field(600.0, gt=0)  # a lock older than this was left by a crash
 
 
 class PipelineConfig(Section):
@@ -155,6 +161,8 @@ class PipelineConfig(Section):
     accelerator_limit: int = Field(1, ge=1)
     node_selector: dict[str, str] = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     gpu_toleration_key: str = "nvidia.com/gpu"
+    namespace: str = "ipa-align"  # where pipeline pods run (k8s/ kustomize namespace)
+    mlflow_service: str = "mlflow"  # in-cluster MLflow tracking Service (k8s/base)
     pvc_name: str = "ipa-workspace"
     mount_path: str = "/workspace"
     mlflow_secret: str = "ipa-mlflow"

@@ -1,0 +1,37 @@
+"""Animation backends behind one protocol (see base.py); chosen by `backend.name` in params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_backend(params, base_model: str | Path | None = None, adapter: str | Path | None = None):
+    """Build the configured backend from `base_model` (default `backend.base_model`), optionally
+    with a saved LoRA adapter loaded on top."""
+    import torch
+
+    cfg = params.backend
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    path = base_model or cfg.base_model
+    if cfg.name == "toy":
+        from ipa_lib.backends.toy import ToyBackend
+
+        backend = ToyBackend.from_pretrained(path, device=device, dtype=dtype)
+    elif cfg.name == "wan-animate":
+        from ipa_lib.backends.wan_animate import WanAnimateBackend
+
+        backend = WanAnimateBackend.from_pretrained(str(path), cfg)
+    else:  # config validation makes this unreachable; kept for a readable error
+        raise ValueError(f"backend.name: unknown backend {cfg.name!r} (valid: toy, wan-animate)")
+    if adapter:
+        backend.load_adapter(adapter)
+    return backend

@@ -1,0 +1,283 @@
+"""k8s/: every overlay renders offline with `kubectl kustomize`, passes `kubernetes-validate`
+(strict schemas of Kubernetes 1.32) and the project's policies, and agrees with params.yaml
+(`PipelineConfig`) on names, images and GPU settings."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ipa_lib.cluster import image_problem
+from ipa_lib.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+OVERLAYS = ("dev", "gpu")
+K8S_VERSION = "1.32.0"  # kubectl here is v1.32 (kustomize v5.5); stated in k8s/README.md
+KUBECTL = shutil.which("kubectl")
+POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "PriorityClass"}
+
+
+
+def _params() -> Params:
+    """The repo's params.yaml (what runs use), defaults when it is absent."""
+    path = ROOT / "params.yaml"
+    return load_params(path) if path.exists() else Params()
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
+    """overlay -> (rendered file, documents)."""
+    if KUBECTL is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    out = {}
+    tmp = tmp_path_factory.mktemp("kustomize")
+    for name in OVERLAYS:
+        res = subprocess.run(
+            [KUBECTL, "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, f"kubectl kustomize k8s/overlays/{name} failed:\n{res.stderr}"
+        path = tmp / f"{name}.yaml"
+        path.write_text(res.stdout)
+        out[name] = (path, [d for d in yaml.safe_load_all(res.stdout) if d])
+    return out
+
+
+def _docs(rendered, overlay, kind=None):
+    return [d for d in rendered[overlay][1] if kind is None or d["kind"] == kind]
+
+
+def _one(rendered, overlay, kind, name):
+    found = [d for d in _docs(rendered, overlay, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _pod_specs(docs):
+    for d in docs:
+        if d["kind"] in POD_KINDS:
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            yield f"CronJob/{d['metadata']['name']}", d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield f"Pod/{d['metadata']['name']}", d["spec"]
+
+
+def _containers(docs):
+    for where, spec in _pod_specs(docs):
+        for c in spec.get("initContainers", []) + spec.get("containers", []):
+            yield f"{where}/{c['name']}", spec, c
+
+
+def _q(value) -> float:
+    from kubernetes.utils import parse_quantity
+
+    return float(parse_quantity(str(value)))
+
+
+# --------------------------------------------------------------------------- render + schema
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_passes_kubernetes_validate_cli(rendered, overlay):
+    path, docs = rendered[overlay]
+    assert len(docs) >= 10
+    res = subprocess.run(
+        ["kubernetes-validate", "--kubernetes-version", K8S_VERSION, "--strict", "--quiet", str(path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, f"k8s/overlays/{overlay} fails kubernetes-validate {K8S_VERSION}:\n{res.stdout}{res.stderr}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_resource_validates_strictly(rendered, overlay):
+    import kubernetes_validate
+
+    for doc in _docs(rendered, overlay):
+        assert kubernetes_validate.validate(doc, K8S_VERSION, strict=True) == "1.32", doc["metadata"]["name"]
+
+
+def test_validator_rejects_a_broken_manifest(rendered):
+    import copy
+
+    import kubernetes_validate
+
+    bad = copy.deepcopy(_one(rendered, "gpu", "Deployment", "mlflow"))
+    bad["spec"]["template"]["spec"]["containers"][0]["resources"]["limit"] = {"cpu": "1"}  # typo'd key
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_secret_template_is_valid_and_has_no_values():
+    import kubernetes_validate
+
+    for path in (K8S / "secret-templates").glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["kind"] == "Secret"
+        assert all(v in ("", None) for v in {**doc.get("data", {}), **doc.get("stringData", {})}.values()), path
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        k = yaml.safe_load(kustomization.read_text())
+        refs = k.get("resources", []) + k.get("components", [])
+        assert not [r for r in refs if "secret" in r], f"{kustomization} applies a secret template"
+
+
+def test_readme_states_the_validated_version():
+    assert f"Kubernetes {K8S_VERSION[:4]}" in (K8S / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- policies
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_non_root_limited_and_pinned(rendered, overlay):
+    containers = list(_containers(_docs(rendered, overlay)))
+    assert containers
+    for where, pod, c in containers:
+        pod_sc, sc = pod.get("securityContext", {}), c.get("securityContext", {})
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, f"{where}: runAsNonRoot"
+        assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, f"{where}: runs as uid 0"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation"
+        assert sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem"
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{where}: capabilities not dropped"
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: seccomp"
+        res = c.get("resources", {})
+        for part in ("requests", "limits"):
+            for r in ("cpu", "memory"):
+                assert r in res.get(part, {}), f"{where}: resources.{part}.{r} missing"
+            for r, v in res.get("requests", {}).items():
+                assert _q(v) <= _q(res["limits"].get(r, v)), f"{where}: request {r} above limit"
+        assert image_problem(c["image"]) is None, f"{where}: {image_problem(c['image'])}"
+
+
+def test_no_latest_tag_anywhere_in_k8s():
+    for path in K8S.rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            m = re.search(r"\bimage:\s*(\S+)", line)
+            if m:
+                assert image_problem(m.group(1).strip("'\"")) is None, f"{path}: {line.strip()}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_plaintext_secret_values(rendered, overlay):
+    for doc in _docs(rendered, overlay, "Secret"):
+        values = {**doc.get("data", {}), **doc.get("stringData", {})}
+        assert all(v in ("", None) for v in values.values()), f"Secret/{doc['metadata']['name']} carries values"
+    for where, _, c in _containers(_docs(rendered, overlay)):
+        for env in c.get("env", []):
+            if re.search(r"PASSWORD|TOKEN|SECRET|ACCESS_KEY", env["name"]):
+                assert "value" not in env, f"{where}: {env['name']} as a literal (use valueFrom.secretKeyRef)"
+    for path in K8S.rglob("*.yaml"):  # no kustomize secretGenerator literals either
+        text = path.read_text()
+        assert "secretGenerator" not in text, path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rbac_is_least_privilege(rendered, overlay):
+    write_verbs = {"create", "update", "patch", "delete", "deletecollection", "*"}
+    for doc in _docs(rendered, overlay, "Role") + _docs(rendered, overlay, "ClusterRole"):
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        for rule in doc["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule.get("apiGroups", []), f"{where}: wildcard"
+            if "secrets" in rule["resources"]:
+                assert rule.get("resourceNames") and set(rule["verbs"]) == {"get"}, f"{where}: secrets by name only"
+            if doc["kind"] == "ClusterRole":
+                assert not set(rule["verbs"]) & write_verbs, f"{where}: cluster-wide write"
+            elif set(rule["verbs"]) & write_verbs:
+                assert rule["apiGroups"] == ["argoproj.io"] and rule["resources"] == ["workflowtaskresults"], where
+    binding = _one(rendered, overlay, "RoleBinding", "ipa-pipeline")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ipa-pipeline"}
+    assert _one(rendered, overlay, "ServiceAccount", "mlflow")["automountServiceAccountToken"] is False
+    assert not _docs(rendered, overlay, "ClusterRoleBinding")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_quota_and_limit_range(rendered, overlay):
+    deny = _one(rendered, overlay, "NetworkPolicy", "default-deny-ingress")
+    assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"]
+    ingress = _one(rendered, overlay, "NetworkPolicy", "mlflow-ingress")["spec"]["ingress"][0]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 5000}]
+    assert _docs(rendered, overlay, "ResourceQuota") and _docs(rendered, overlay, "LimitRange")
+    ns = _one(rendered, overlay, "Namespace", _params().pipeline.namespace)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] in ("baseline", "restricted")
+
+
+# --------------------------------------------------------------------------- agreement with params
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_names_and_images_match_pipeline_config(rendered, overlay):
+    pc = _params().pipeline
+    docs = _docs(rendered, overlay)
+    for d in docs:
+        if d["kind"] not in CLUSTER_SCOPED:
+            assert d["metadata"].get("namespace") == pc.namespace, f"{d['kind']}/{d['metadata']['name']}"
+    _one(rendered, overlay, "PersistentVolumeClaim", pc.pvc_name)
+    _one(rendered, overlay, "PersistentVolumeClaim", "mlflow-data")
+    svc = _one(rendered, overlay, "Service", pc.mlflow_service)
+    assert svc["spec"]["ports"][0]["port"] == 5000
+    images = {c["image"] for _, _, c in _containers(docs)}
+    assert images <= {pc.image, pc.gpu_image}, images
+    role = _one(rendered, overlay, "Role", "ipa-preflight")
+    assert any(pc.mlflow_secret in r.get("resourceNames", []) for r in role["rules"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_server_uses_a_database_and_artifact_store_on_the_pvc(rendered, overlay):
+    pc = _params().pipeline
+    dep = _one(rendered, overlay, "Deployment", "mlflow")
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    args = c["command"] + c["args"]
+    assert args[:2] == ["mlflow", "server"] and "--serve-artifacts" in args
+    opts = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
+    db = opts["--backend-store-uri"]
+    assert db.startswith("sqlite:////")
+    for path in (db.removeprefix("sqlite:///"), opts["--artifacts-destination"]):
+        mount = next(m for m in mounts if path.startswith(m + "/"))
+        assert claims[mounts[mount]] == "mlflow-data", path
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"  # one SQLite writer
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert f"{pc.mlflow_service}.{pc.namespace}.svc.cluster.local:5000" in hosts and f"{pc.mlflow_service}:5000" in hosts
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"  # exempt from the host check
+    assert "/tmp" in mounts  # writable scratch under a read-only root
+
+
+def test_gpu_overlay_matches_the_gpu_node_pool_settings(rendered):
+    pc = _params().pipeline
+    job = _one(rendered, "gpu", "Job", "ipa-gpu-smoke")
+    spec = job["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == pc.node_selector
+    assert {"key": pc.gpu_toleration_key, "operator": "Exists"} in spec["tolerations"]
+    c = spec["containers"][0]
+    assert c["image"] == pc.gpu_image
+    assert int(c["resources"]["limits"][pc.accelerator_type]) == pc.accelerator_limit
+    ws = _one(rendered, "gpu", "PersistentVolumeClaim", pc.pvc_name)
+    assert ws["spec"]["accessModes"] == ["ReadWriteMany"]  # parallel train pods on several nodes
+    hard = _one(rendered, "gpu", "ResourceQuota", "ipa-quota")["spec"]["hard"]
+    assert _q(hard[f"requests.{pc.accelerator_type}"]) >= pc.accelerator_limit * len(pc.betas)
+    n = len(pc.betas)
+    assert _q(hard["limits.memory"]) >= n * _q(pc.memory_limit) and _q(hard["limits.cpu"]) >= n * _q(pc.cpu_limit)
+    max_ = _one(rendered, "gpu", "LimitRange", "ipa-limits")["spec"]["limits"][0]["max"]
+    assert _q(max_["memory"]) >= _q(pc.memory_limit) and _q(max_["cpu"]) >= _q(pc.cpu_limit)
+
+
+def test_dev_overlay_is_small_and_gpu_free(rendered):
+    pc = _params().pipeline
+    assert not _docs(rendered, "dev", "Job")
+    hard = _one(rendered, "dev", "ResourceQuota", "ipa-quota")["spec"]["hard"]
+    assert _q(hard[f"requests.{pc.accelerator_type}"]) == 0
+    ws = _one(rendered, "dev", "PersistentVolumeClaim", pc.pvc_name)
+    assert ws["spec"]["accessModes"] == ["ReadWriteOnce"] and _q(ws["spec"]["resources"]["requests"]["storage"]) <= _q("50Gi")
+    args = _one(rendered, "dev", "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--workers=1" in args
