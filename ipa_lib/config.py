@@ -181,7 +181,6 @@ class PipelineConfig(Section):
 
 
 class Params(Section):
-    seed: int = 0
     toy: ToyConfig = ToyConfig()
     model: ModelConfig = ModelConfig()
     backend: BackendConfig = BackendConfig()

@@ -85,4 +85,4 @@ def pretrain(params: Params, out_dir: str | Path, progress: bool = True) -> dict
     with atomic_dir(out_dir) as tmp:
         backend.save_pretrained(tmp, {"toy": toy.model_dump(), "model": params.model.model_dump(mode="json"), "pretrain": summary})
         atomic_write_json(tmp / "pretrain_curve.json", curve)
-    return summary
+    return {**summary, "log": curve}

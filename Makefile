@@ -1,0 +1,44 @@
+# Two commands for a fresh clone:  `make run` (set up + one alignment round)  and  `make test`.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+
+.PHONY: setup run test seeds pretrain pipeline-compile bench clean-round
+
+setup: $(VENV)/.installed
+
+# torch first: this machine's pip finds the local CPU wheel; a newer torch would pull CUDA wheels
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/python -m ipa_lib.hands.model_file fetch
+	touch $@
+
+## one alignment round on the embedded toy world: sample -> gate -> train -> evaluate -> register -> promote
+run: setup
+	$(BIN)/dvc repro
+	$(BIN)/ipa show
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+## the README's seeds table: three full rounds (round seeds 0, 1, 2) as DVC experiments
+seeds: setup
+	$(BIN)/python scripts/seeds_table.py --seeds 0 1 2 --out docs/seeds.md
+
+## redo the frozen pretraining stage (~2.5 h on 2 CPU cores; minutes on a GPU)
+pretrain: setup
+	$(BIN)/dvc unfreeze pretrain && $(BIN)/dvc repro pretrain; $(BIN)/dvc freeze pretrain
+
+pipeline-compile: setup
+	$(BIN)/ipa pipeline compile
+
+bench: setup
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/gating.py
