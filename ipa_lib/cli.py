@@ -143,13 +143,13 @@ def format_table(result: dict) -> str:
 def cmd_register(args) -> int:
     from ipa_lib.registry_cli import register_main
 
-    return register_main(args.params, overrides=args.set, adapter=args.adapter, metrics=args.metrics)
+    return register_main(args.params, args.set, adapter_dir=args.adapter, metrics_path=args.metrics)
 
 
 def cmd_promote(args) -> int:
     from ipa_lib.registry_cli import promote_main
 
-    return promote_main(args.params, candidate=args.candidate, dry_run=args.dry_run, to_version=args.to_version, overrides=args.set)
+    return promote_main(args.params, args.candidate, args.dry_run, args.to_version, overrides=args.set)
 
 
 def cmd_hands_detect(args) -> int:

@@ -171,12 +171,16 @@ class PipelineConfig(Section):
     memory_request: str = "32Gi"
     memory_limit: str = "64Gi"
     train_retries: int = Field(2, ge=0)
+    shm_size_limit: str = "16Gi"  # in-memory emptyDir at /dev/shm of training pods (counts as memory)
+    service_account: str = "ipa-pipeline"  # runs are submitted with it (k8s/base/serviceaccounts.yaml)
 
     @field_validator("betas")
     @classmethod
     def _betas_positive(cls, v: list[float]) -> list[float]:
         if not v or any(b <= 0 for b in v):
             raise ValueError(f"must be a non-empty list of positive numbers, got {v}")
+        if len(set(v)) != len(v):  # one training run per beta: select-best pairs runs by beta
+            raise ValueError(f"must not repeat a value, got {v}")
         return v
 
 

@@ -196,6 +196,7 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
     out_dir = Path(out_dir)
     data = load_train_data(gated_dir, cfg.loss)
     backend = load_backend(params, base_model)
+    torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same adapter
     backend.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     backend.transformer.train()
     accelerator = Accelerator(cpu=backend.device.type == "cpu", mixed_precision="bf16" if backend.dtype == torch.bfloat16 else "no")

@@ -1,0 +1,255 @@
+"""The foundation loop on a tiny toy world: sample -> gate -> train -> evaluate, resume,
+divergence handling, corrupt inputs. Real stages, real files, no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY
+
+from ipa_lib.config import ConfigError
+
+
+@pytest.fixture()
+def gated(tiny):
+    """Samples and a gated set produced by the real stages."""
+    from ipa_lib.gating import gate
+    from ipa_lib.sampling import sample
+
+    params, work = tiny
+    sample(params, work / "samples", progress=False)
+    gate(params, work / "samples", work / "gated", progress=False)
+    return params, work
+
+
+def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(path / "pytorch_lora_weights.safetensors"))
+
+
+def test_sample_and_gate_outputs(gated):
+    params, work = gated
+    rows = [json.loads(l) for l in (work / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == params.sample.num_clips
+    assert len({r["sample_id"] for r in rows}) == len(rows)
+    # per_pose=2: consecutive samples share a driving pose but not a seed
+    assert rows[0]["pose_id"] == rows[1]["pose_id"] and rows[0]["seed"] != rows[1]["seed"]
+    summary = json.loads((work / "gated" / "summary.json").read_text())
+    assert summary["given"] == params.sample.num_clips and summary["kept"] == params.gate.top_k
+    kept = np.load(work / "gated" / "kept.npz")
+    scored = np.load(work / "gated" / "scored.npz")
+    assert kept["video"].shape == (params.gate.top_k, 5, 16, 16, 3)
+    # the kept ones are the best-scored ones
+    assert scored["hand_score"][scored["kept"]].min() >= scored["hand_score"][~scored["kept"]].max()
+    assert (work / "gated" / "report.md").exists()
+
+
+def test_sampling_is_deterministic_and_batch_independent(tiny):
+    from ipa_lib.backends import load_backend
+    from ipa_lib.sampling import generate_clips, toy_conditions
+
+    params, _ = tiny
+    backend = load_backend(params)
+    cond = toy_conditions(5, 3, 5, 16, 1.0)
+    a = generate_clips(backend, cond["reference"], cond["pose"], [1, 2, 3], 2, batch_size=3, progress=False)
+    b = generate_clips(backend, cond["reference"], cond["pose"], [1, 2, 3], 2, batch_size=1, progress=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gate_refuses_too_few_kept(tiny):
+    from ipa_lib.datacheck import DataCheckError
+    from ipa_lib.gating import gate
+    from ipa_lib.sampling import sample
+
+    params, work = tiny
+    sample(params, work / "samples", progress=False)
+    params.gate.threshold = 1.0  # a random tiny model never scores a perfect 1.0
+    params.gate.min_kept = 5
+    with pytest.raises(DataCheckError, match="kept"):
+        gate(params, work / "samples", work / "gated", progress=False)
+    assert not (work / "gated").exists()  # nothing partial passed on
+    assert (work / "gated-report.md").exists()  # but the report is there
+
+
+def test_train_reference_frozen_and_policy_moves(gated):
+    from ipa_lib.backends import load_backend
+    from ipa_lib.training import train
+
+    params, work = gated
+    base_before = {k: v.clone() for k, v in load_backend(params).transformer.state_dict().items()}
+    train(params, work / "gated", work / "adapter", progress=False)
+    # base weights on disk untouched, adapter loads and changes the output (PITFALLS: silent LoRA)
+    fresh = load_backend(params)
+    for k, v in fresh.transformer.state_dict().items():
+        torch.testing.assert_close(v, base_before[k])
+    aligned = load_backend(params, adapter=work / "adapter")
+    batch = {"reference": torch.rand(1, 3, 16, 16) * 2 - 1, "pose": torch.rand(1, 3, 5, 16, 16) * 2 - 1}
+    x = torch.randn(1, 3, 5, 16, 16)
+    t = torch.tensor([0.5])
+    with torch.no_grad():
+        out_base = fresh.predict_velocity(x, t, fresh.condition(batch))
+        out_aligned = aligned.predict_velocity(x, t, aligned.condition(batch))
+        with aligned.reference_model():
+            out_ref = aligned.predict_velocity(x, t, aligned.condition(batch))
+    assert not torch.allclose(out_base, out_aligned)
+    torch.testing.assert_close(out_ref, out_base)  # reference = adapters disabled = the base
+    log = [json.loads(l) for l in (work / "adapter" / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "policy_err", "reference_err", "gain", "implicit_acc", "logits", "grad_norm"} <= set(log[-1])
+    assert log[0]["gain"] == pytest.approx(0.0, abs=1e-6)  # step 0: policy == reference
+
+
+@pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
+def test_baseline_losses_train(gated, loss):
+    from ipa_lib.training import train
+
+    params, work = gated
+    params.train.loss = loss
+    params.train.steps = 2
+    result = train(params, work / "gated", work / f"adapter-{loss}", progress=False)
+    assert np.isfinite(result["final"]["loss"])
+    assert (work / f"adapter-{loss}" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _ipa(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ipa_lib.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _write_params(work: Path, base: str) -> Path:
+    from ipa_lib.config import apply_override
+
+    import yaml
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in TINY + [f"backend.base_model={base}", "train.steps=8", "train.checkpoint_every=1"]:
+        apply_override(data, item)
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_killed_and_resumed_training_matches_uninterrupted(gated):
+    """SIGKILL a real `ipa train` once it has checkpointed, resume, compare with a clean run."""
+    params, work = gated
+    p = _write_params(work, params.backend.base_model)
+    common = ["--params", str(p), "--gated", str(work / "gated"), "--quiet"]
+    clean = _ipa(["train", *common, "--out", str(work / "clean")], work)
+    assert clean.wait(300) == 0, clean.stderr.read()
+
+    victim = _ipa(["train", *common, "--out", str(work / "resumed")], work)
+    ckpts = work / ".resumed.checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(ckpts.glob("step-*/state.pt"))) < 3:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    assert not (work / "resumed").exists(), "killed before the end: no final adapter"
+    done = sorted(ckpts.glob("step-*/state.pt"))
+    assert 1 <= len(done) < 8
+    resumed = _ipa(["train", *common, "--out", str(work / "resumed"), "--resume"], work)
+    assert resumed.wait(300) == 0, resumed.stderr.read()
+
+    a, b = _adapter_state(work / "clean"), _adapter_state(work / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(gated):
+    from ipa_lib.training import TrainingDiverged, train
+
+    params, work = gated
+    params.train.steps = 40
+    params.train.checkpoint_every = 1
+    params.train.lr = 1e4  # blows the adapter up within a few steps
+    params.train.max_grad_norm = 1e9
+    with pytest.raises(TrainingDiverged, match="last good checkpoint") as err:
+        train(params, work / "gated", work / "adapter", progress=False)
+    assert not (work / "adapter").exists()
+    ckpt = Path(str(err.value).split("last good checkpoint: ")[1])
+    assert (ckpt / "pytorch_lora_weights.safetensors").exists()
+    state = _adapter_state(ckpt)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_corrupt_checkpoint_is_a_clear_error(gated):
+    from ipa_lib.training import train
+
+    params, work = gated
+    train(params, work / "gated", work / "adapter", progress=False, stop_after=2)
+    ckpt = sorted((work / ".adapter.checkpoints").glob("step-*"))[-1]
+    (ckpt / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"corrupt checkpoint"):
+        train(params, work / "gated", work / "adapter", progress=False, resume=True)
+
+
+def test_evaluate_writes_metrics_and_pictures(gated):
+    from ipa_lib.evaluation import METRICS, evaluate
+    from ipa_lib.training import train
+
+    params, work = gated
+    train(params, work / "gated", work / "adapter", progress=False)
+    result = evaluate(params, work / "adapter", work / "eval", work / "metrics" / "eval.json", progress=False)
+    saved = json.loads((work / "metrics" / "eval.json").read_text())
+    assert set(saved) == {"base", "ipa"} and set(saved["base"]) == set(METRICS)
+    assert saved["base"] == result["base"]
+    rows = json.loads((work / "eval" / "per_clip.json").read_text())
+    assert len(rows) == 2 * params.evaluate.num_poses * len(params.evaluate.seeds)
+    assert (work / "eval" / "side_by_side.png").stat().st_size > 0
+    assert (work / "eval" / "side_by_side.gif").stat().st_size > 0
+
+
+# ---- the CLI's errors ---------------------------------------------------------------------
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ipa_lib.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_params_names_file_and_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  beta: lots\n  betta: 3\n")
+    r = _run_cli(["train", "--params", str(bad)], tmp_path)
+    assert r.returncode == 2
+    assert str(bad) in r.stderr and "train.beta" in r.stderr and "train.betta: unknown key" in r.stderr
+
+
+def test_cli_missing_input_dir(tmp_path):
+    r = _run_cli(["gate", "--params", str(REPO / "params.yaml"), "--set", "tracking.enabled=false",
+                  "--samples", str(tmp_path / "nope"), "--out", str(tmp_path / "g")], tmp_path)
+    assert r.returncode == 2
+    assert "nope" in r.stderr and "not found" in r.stderr
+
+
+def test_cli_corrupt_base_model(tmp_path):
+    base = tmp_path / "base" / "transformer"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    (base / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 10)
+    r = _run_cli(["sample", "--params", str(REPO / "params.yaml"), "--set", "tracking.enabled=false",
+                  "--base-model", str(tmp_path / "base"), "--out", str(tmp_path / "s")], tmp_path)
+    assert r.returncode == 2 and "cannot load weights" in r.stderr
+
+
+def test_params_validation():
+    from conftest import tiny_params
+
+    with pytest.raises(ConfigError, match=r"toy\.frames"):
+        tiny_params(["toy.frames=6"])
+    with pytest.raises(ConfigError, match=r"pipeline\.betas"):
+        tiny_params(["pipeline.betas=[-1]"])
+    with pytest.raises(ConfigError, match=r"gate\.min_kept"):
+        tiny_params(["gate.min_kept=50", "gate.top_k=10"])
+    with pytest.raises(ConfigError, match="must look like"):
+        tiny_params(["train.beta"])
