@@ -63,6 +63,7 @@ class BackendConfig(Section):
     width: int = 832  # wan-animate only
     num_frames: int = 81  # wan-animate only, 4k+1
     guidance_scale: float = 1.0  # wan-animate only
+    prompt: str = ""  # wan-animate only: text prompt, encoded once (umT5) for training and sampling
 
 
 class PretrainConfig(Section):

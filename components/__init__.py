@@ -1,0 +1,1 @@
+"""KFP components of the ipa-align round (see components/README.md)."""

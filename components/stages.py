@@ -1,0 +1,145 @@
+"""KFP components of one alignment round: each stage is a few lines that call `ipa_lib`.
+
+These are plain functions; `build(image, gpu_image)` turns them into lightweight Python
+components whose `base_image` is the project's runtime image (components/Dockerfile),
+with `install_kfp_package=False`: the image already carries ipa_lib, kfp and every
+dependency, so pods need no network. KFP serializes each function's source into the
+pipeline, so everything a function uses is imported inside its body.
+
+Every component takes the whole validated parameter set as `params_json` (from
+params.yaml, see `ipa_lib.kfp_cli`) and parses it with `ipa_lib.config.parse_params`,
+so a task means what the same DVC stage means.
+"""
+
+# no `from __future__ import annotations`: KFP reads the real annotations
+from typing import List, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def sample(params_json: str, base_model: str, samples: Output[Dataset]):
+    """Sample clips from the base model (+ `backend.init_adapter`): shard + manifest."""
+    import json
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.sampling import sample as run
+
+    params = parse_params(json.loads(params_json), "params_json")
+    samples.metadata.update(run(params, samples.path, base_model, progress=False))
+
+
+def gate(params_json: str, samples: Input[Dataset], gated: Output[Dataset], report: Output[Markdown]):
+    """Score hands, validate the scored manifest, keep the best samples."""
+    import json
+    import shutil
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.gating import gate as run
+
+    params = parse_params(json.loads(params_json), "params_json")
+    gated.metadata.update(run(params, samples.path, gated.path, progress=False))
+    shutil.copy(f"{gated.path}/report.md", report.path)
+
+
+def train(params_json: str, beta: float, base_model: str, gated: Input[Dataset], adapter: Output[Model], metrics: Output[Metrics]):
+    """LoRA alignment with `train.loss` at this `beta`: adapter (diffusers LoRA format) + log."""
+    import json
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.training import train as run
+
+    params = parse_params(json.loads(params_json), "params_json")
+    params.train.beta = beta  # validated on assignment (> 0)
+    summary = run(params, gated.path, adapter.path, base_model, progress=False)
+    for k, v in summary["final"].items():
+        metrics.log_metric(f"train/{k}", v)
+    adapter.metadata.update({"beta": beta, "loss": summary["loss"], "steps": summary["steps"]})
+
+
+def evaluate(params_json: str, beta: float, base_model: str, adapter: Input[Model],
+             evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[HTML]):
+    """Base vs aligned on held-out poses: eval.json + per-clip rows + side-by-side strip."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.evaluation import evaluate as run
+    from ipa_lib.selection import eval_metric_items, evaluation_html
+
+    params = parse_params(json.loads(params_json), "params_json")
+    params.train.beta = beta
+    result = run(params, adapter.path, evaluation.path, f"{evaluation.path}/eval.json", base_model, progress=False)
+    for k, v in eval_metric_items(result).items():
+        metrics.log_metric(k, v)
+    Path(report.path).write_text(evaluation_html(result, f"{evaluation.path}/side_by_side.png", f"beta = {beta:g}"))
+
+
+def select_best(params_json: str, adapters: Input[List[Model]], evaluations: Input[List[Artifact]],
+                best_adapter: Output[Model], best_evaluation: Output[Artifact],
+                report: Output[Markdown]) -> NamedTuple("Outputs", [("beta", float), ("value", float)]):
+    """The sweep's best run by `promote.primary_metric`; copies its adapter and evaluation."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.selection import select_from_runs, selection_markdown
+
+    params = parse_params(json.loads(params_json), "params_json")
+    chosen = select_from_runs([e.path for e in evaluations], [a.path for a in adapters],
+                              params.promote.primary_metric, best_adapter.path, best_evaluation.path)
+    Path(report.path).write_text(selection_markdown(chosen))
+    return (chosen["beta"], chosen["value"])
+
+
+def register(params_json: str, base_model: str, adapter: Input[Model], evaluation: Input[Artifact],
+             registration: Output[Artifact]) -> int:
+    """Register the chosen adapter (+ base) as a new version of `tracking.registered_model`."""
+    import json
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.registry import register_model
+
+    params = parse_params(json.loads(params_json), "params_json")
+    return register_model(params, adapter.path, base_model, f"{evaluation.path}/eval.json", record_path=registration.path)
+
+
+def decide_promotion(params_json: str, version: int, report: Output[Markdown]) -> bool:
+    """Dry run of the promotion policy against the current champion (changes nothing):
+    whether `version` would be promoted; the reason and numbers go to the report."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.registry import promote
+    from ipa_lib.selection import decision_markdown
+
+    decision = promote(parse_params(json.loads(params_json), "params_json"), version, dry_run=True)
+    Path(report.path).write_text(decision_markdown(decision))
+    return decision.promote
+
+
+def promote(params_json: str, version: int, report: Output[Markdown]) -> NamedTuple("Outputs", [("promoted", bool), ("reason", str)]):
+    """Move the champion alias to `version`; decided again under the registry's promotion lock."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.config import parse_params
+    from ipa_lib.registry import promote as run
+    from ipa_lib.selection import decision_markdown
+
+    decision = run(parse_params(json.loads(params_json), "params_json"), version, dry_run=False)
+    Path(report.path).write_text(decision_markdown(decision))
+    return (decision.promote, decision.reason)
+
+
+STAGES = (sample, gate, train, evaluate, select_best, register, decide_promotion, promote)
+GPU_STAGES = (train,)
+
+
+def build(image: str, gpu_image: str) -> dict:
+    """Components by function name, each running in `image` (`gpu_image` for training)."""
+    return {
+        fn.__name__: dsl.component(fn, base_image=gpu_image if fn in GPU_STAGES else image, install_kfp_package=False)
+        for fn in STAGES
+    }

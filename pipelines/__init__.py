@@ -1,0 +1,1 @@
+"""The KFP pipeline of one alignment round (see pipelines/README.md)."""

@@ -1,0 +1,330 @@
+"""`ipa pipeline submit` and the README's `kfp run create`, against a loopback server
+that answers like the KFP v2beta1 API (recorded responses in tests/data/kfp/), through
+the real kfp.Client and the real `kfp` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from ipa_lib import kfp_cli
+from ipa_lib.cli import main as ipa
+from ipa_lib.config import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data" / "kfp"
+PARAMS = ROOT / "params.yaml"
+PACKAGE = ROOT / "pipelines" / "ipa_round.yaml"
+KFP_BIN = Path(sys.executable).parent / "kfp"
+
+
+def _recorded(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+class FakeKFP:
+    """A loopback HTTP server answering like the KFP v2beta1 API; logs every request.
+
+    `status` maps "METHOD /path" to an HTTP status to fail with, `raw` to a raw body,
+    `hang` to seconds to wait before answering.
+    """
+
+    def __init__(self, multi_user: bool = False):
+        self.multi_user = multi_user
+        self.log: list[dict] = []
+        self.status: dict[str, int] = {}
+        self.raw: dict[str, bytes] = {}
+        self.hang: dict[str, float] = {}
+        self.experiments: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                url = urllib.parse.urlsplit(self.path)
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) if n else b""
+                body = json.loads(raw) if raw else None
+                key = f"{self.command} {url.path}"
+                fake.log.append({"method": self.command, "path": url.path, "query": urllib.parse.parse_qs(url.query),
+                                 "body": body})
+                if key in fake.hang:
+                    time.sleep(fake.hang[key])
+                code, out = fake.route(self.command, url.path, body)
+                code = fake.status.get(key, code)
+                if code >= 400 and key in fake.status:
+                    out = _recorded("error_invalid_argument.json" if code == 400 else "error_not_found.json")
+                data = fake.raw.get(key) or json.dumps(out).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout tests)
+                    pass
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def route(self, method: str, path: str, body: dict | None) -> tuple[int, dict]:
+        if (method, path) == ("GET", "/apis/v2beta1/healthz"):
+            return 200, _recorded("healthz_multi_user.json" if self.multi_user else "healthz.json")
+        if (method, path) == ("GET", "/apis/v2beta1/experiments"):
+            return 200, {"experiments": self.experiments, "total_size": len(self.experiments)} if self.experiments else _recorded("experiments_list_empty.json")
+        if (method, path) == ("POST", "/apis/v2beta1/experiments"):
+            exp = _recorded("experiment_created.json") | {"display_name": body["display_name"], "namespace": body.get("namespace") or ""}
+            self.experiments.append(exp)
+            return 200, exp
+        if (method, path) == ("POST", "/apis/v2beta1/runs"):
+            run = _recorded("run_created.json")
+            return 200, run | {"display_name": body["display_name"], "experiment_id": body["experiment_id"],
+                               "runtime_config": body.get("runtime_config")}
+        if method == "GET" and path.startswith("/apis/v2beta1/runs/"):
+            return 200, _recorded("run_created.json") | {"run_id": path.rsplit("/", 1)[-1]}
+        return 404, _recorded("error_not_found.json")
+
+    def calls(self) -> list[str]:
+        return [f"{e['method']} {e['path']}" for e in self.log]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def kfp_home(tmp_path, monkeypatch):
+    """Keep kfp.Client away from the user's ~/.config/kfp/context.json."""
+    import kfp
+
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def fake():
+    with FakeKFP() as server:
+        yield server
+
+
+def _submit(host: str, *extra: str) -> int:
+    return ipa(["pipeline", "--params", str(PARAMS), "submit", "--host", host, *extra])
+
+
+def _run_request(server: FakeKFP) -> dict:
+    (run,) = [e for e in server.log if e["method"] == "POST" and e["path"] == "/apis/v2beta1/runs"]
+    return run["body"]
+
+
+def test_submit_through_kfp_client(fake, kfp_home, capsys):
+    assert _submit(fake.url, "--param", "train.steps=5", "--param", "betas=[200, 600]") == 0
+    assert fake.calls() == [
+        "GET /apis/v2beta1/healthz",  # ours, with a short timeout
+        "GET /apis/v2beta1/healthz",  # kfp.Client's (single-user: no namespace given)
+        "GET /apis/v2beta1/experiments",
+        "POST /apis/v2beta1/experiments",
+        "POST /apis/v2beta1/runs",
+    ]
+    lookup = fake.log[2]["query"]
+    assert "ipa-align" in lookup["filter"][0] and lookup.get("namespace", [""]) == [""]
+    assert fake.log[3]["body"] == {"display_name": "ipa-align", "namespace": ""}
+
+    run = _run_request(fake)
+    assert run["experiment_id"] == _recorded("experiment_created.json")["experiment_id"]
+    assert run["service_account"] == "ipa-pipeline"
+    args = run["runtime_config"]["parameters"]
+    assert sorted(args) == ["base_model", "betas", "params_json"]
+    assert args["betas"] == [200.0, 600.0] and args["base_model"] == "/workspace/models/base"
+    sent = parse_params(json.loads(args["params_json"]))
+    want = load_params(PARAMS, ["train.steps=5", "pipeline.betas=[200, 600]"])
+    assert sent == want
+    spec = run["pipeline_spec"]
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "ipa-round"
+    gpu = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert gpu["nodeSelector"]["labels"] == want.pipeline.node_selector
+
+    out = json.loads(capsys.readouterr().out.split("\n", 2)[-1])  # after kfp's two "details:" lines
+    run_id = _recorded("run_created.json")["run_id"]
+    assert out["run_id"] == run_id and out["url"] == f"{fake.url}/#/runs/details/{run_id}"
+    assert out["experiment"] == "ipa-align" and out["namespace"] is None
+
+
+def test_multi_user_kfp_gets_the_namespace(kfp_home, capsys):
+    with FakeKFP(multi_user=True) as server:
+        assert _submit(server.url, "--experiment", "nightly") == 0
+    assert server.calls() == ["GET /apis/v2beta1/healthz", "GET /apis/v2beta1/experiments",
+                              "POST /apis/v2beta1/experiments", "POST /apis/v2beta1/runs"]
+    assert server.log[1]["query"]["namespace"] == ["ipa-align"]
+    assert server.log[2]["body"] == {"display_name": "nightly", "namespace": "ipa-align"}
+    assert json.loads(capsys.readouterr().out.split("\n", 2)[-1])["namespace"] == "ipa-align"
+
+
+def test_existing_experiment_is_reused(fake, kfp_home):
+    fake.experiments.append(_recorded("experiment_created.json"))
+    assert _submit(fake.url) == 0
+    assert "POST /apis/v2beta1/experiments" not in fake.calls()
+    assert _run_request(fake)["runtime_config"]["parameters"]["betas"] == load_params(PARAMS).pipeline.betas
+
+
+@pytest.mark.parametrize(("param", "needle"), [
+    ("betas=[0, 600]", "pipeline.betas"),
+    ("betas=[]", "pipeline.betas"),
+    ("betas=[600, 600]", "must not repeat"),
+    ("betas=600", "must be a list of positive numbers"),
+    ("betas=[600, lots]", "pipeline.betas.1"),
+    ("betas=[unclosed", "not a valid list"),
+    ("learning_rate=1", "unknown pipeline parameter"),
+    ("train.nope=1", "train.nope: unknown key"),
+    ("train.steps=-3", "train.steps"),
+    ("params_json={not json", "params_json: not valid JSON"),
+    ("params_json=[1, 2]", "must be a JSON object"),
+    ('params_json={"train": {"beta": -1}}', "train.beta"),
+    ("base_model=", "base_model: empty path"),
+    ("no-equals-sign", "must look like NAME=VALUE"),
+])
+def test_bad_parameters_never_reach_the_server(fake, kfp_home, capsys, param, needle):
+    assert _submit(fake.url, "--param", param) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err
+    assert fake.log == []
+
+
+def test_malformed_params_file(fake, kfp_home, tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("- just\n- a list\n")
+    assert ipa(["pipeline", "--params", str(bad), "submit", "--host", fake.url]) == 2
+    assert "top level must be a mapping" in capsys.readouterr().err
+    assert fake.log == []
+
+
+def test_missing_package(fake, kfp_home, tmp_path, capsys):
+    assert _submit(fake.url, "--package", str(tmp_path / "nope.yaml")) == 1
+    assert "pipeline package not found" in capsys.readouterr().err
+    assert fake.log == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_host_fails_fast(kfp_home, capsys):
+    started = time.monotonic()
+    assert _submit(f"http://127.0.0.1:{_closed_port()}") == 1
+    assert time.monotonic() - started < 15
+    err = capsys.readouterr().err
+    assert "is unreachable" in err and "Connection refused" in err
+    assert _submit("127.0.0.1:8888") == 1
+    assert "expected an http(s) URL" in capsys.readouterr().err
+
+
+def test_silent_server_times_out():
+    """A server that accepts connections and never answers: bounded by the timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        started = time.monotonic()
+        with pytest.raises(kfp_cli.PipelineError, match="unreachable .*timed out"):
+            kfp_cli.check_host(f"http://127.0.0.1:{s.getsockname()[1]}", timeout_s=1)
+        assert time.monotonic() - started < 5
+
+
+def test_hanging_api_call_is_bounded(fake, kfp_home):
+    """kfp.Client sets no timeout of its own; submit bounds every request it makes."""
+    fake.hang["POST /apis/v2beta1/runs"] = 4
+    params = load_params(PARAMS)
+    _, arguments = kfp_cli.pipeline_arguments(params)
+    started = time.monotonic()
+    with pytest.raises(kfp_cli.PipelineError, match="stopped answering while submitting .*timeout 1 s"):
+        kfp_cli.submit(params, arguments, fake.url, PACKAGE, timeout_s=1)
+    assert time.monotonic() - started < 4
+    from kfp_server_api import rest
+
+    assert rest.RESTClientObject.request.__name__ == "request" and rest.RESTClientObject.request.__qualname__ == "RESTClientObject.request"
+
+
+@pytest.mark.parametrize(("key", "status", "raw", "needle"), [
+    ("POST /apis/v2beta1/runs", 400, None, "refused the request: HTTP 400 Bad Request: "),
+    ("GET /apis/v2beta1/healthz", 500, None, "answered HTTP 500"),
+    ("GET /apis/v2beta1/healthz", 404, None, "is this the KFP v2 API?"),
+    ("GET /apis/v2beta1/healthz", 401, None, "authentication needed?"),
+    ("GET /apis/v2beta1/healthz", 200, b"<html>sign in</html>", "did not answer with KFP's healthz JSON"),
+])
+def test_api_errors_are_readable(fake, kfp_home, capsys, key, status, raw, needle):
+    fake.status[key] = status
+    if raw:
+        fake.raw[key] = raw
+    assert _submit(fake.url) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: KFP API at ") and needle in err
+    if status == 400:
+        assert "unknown pipeline parameter" in err  # the server's own message is passed on
+
+
+def test_stale_package_warns(fake, kfp_home, tmp_path, capsys):
+    assert _submit(fake.url, "--package", str(PACKAGE)) == 0
+    assert "warning" not in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    assert ipa(["pipeline", "--params", str(PARAMS), "--set", "pipeline.image=x/y:1", "compile", "--out", str(other)]) == 0
+    assert _submit(fake.url, "--package", str(other)) == 0
+    assert "differs from what `ipa pipeline compile` writes" in capsys.readouterr().err
+
+
+# ---- the KFP CLI -------------------------------------------------------------------------------
+
+
+def _kfp_env(tmp_path: Path) -> dict:
+    return {**os.environ, "HOME": str(tmp_path), "PATH": f"{KFP_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_kfp_cli_help_contacts_the_endpoint(fake, tmp_path):
+    proc = subprocess.run([str(KFP_BIN), "--endpoint", fake.url, "run", "create", "--help"], capture_output=True,
+                          text=True, timeout=120, env=_kfp_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Submit a pipeline run." in proc.stdout
+    assert fake.calls() == ["GET /apis/v2beta1/healthz"]
+
+
+def _readme_kfp_block() -> str:
+    text = (ROOT / "pipelines" / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in blocks if "kfp --endpoint" in b and "run create" in b]
+    return block
+
+
+def test_readme_kfp_run_create_reaches_the_api(fake, tmp_path):
+    block = _readme_kfp_block()
+    assert "--package-file pipelines/ipa_round.yaml" in block and "kfp run submit" not in block
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=_kfp_env(tmp_path) | {"KFP_HOST": fake.url})
+    assert proc.returncode == 0, proc.stderr
+    assert fake.calls() == ["GET /apis/v2beta1/healthz", "GET /apis/v2beta1/experiments", "POST /apis/v2beta1/experiments",
+                            "POST /apis/v2beta1/runs", f"GET /apis/v2beta1/runs/{_recorded('run_created.json')['run_id']}"]
+    run = _run_request(fake)
+    assert run["display_name"] == "ipa-round-cli"
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "ipa-round"
+    assert run["runtime_config"]["parameters"] == {"betas": [200.0, 600.0]}  # the rest: the package's defaults
+    assert _recorded("run_created.json")["run_id"] in proc.stdout
