@@ -70,11 +70,7 @@ def sample(params: Params, out_dir: str | Path, base_model: str | None = None, a
             _write_manifest(tmp, rows)
         return {"source": "videos", **summary}
 
-    if adapter is None and params.backend.init_adapter:
-        from ipa_lib.registry import resolve_start  # models:/ipa-animator@champion -> local folders
-
-        base_model, adapter, _ = resolve_start(params)
-    backend = load_backend(params, base_model, adapter)
+    backend = load_backend(params, base_model, adapter)  # starts from backend.init_adapter when set
     n_poses = -(-cfg.num_clips // cfg.per_pose)
     cond = toy_conditions(cfg.seed, n_poses, toy.frames, toy.size, toy.motion)
     pose_idx = np.arange(cfg.num_clips) // cfg.per_pose

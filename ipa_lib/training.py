@@ -60,12 +60,14 @@ def compute_loss(backend, batch: dict[str, torch.Tensor], cfg: TrainConfig, gene
         loss = objective.sft_loss(pred, v, mask, hand_weight=cfg.hand_weight)
         return loss, {"loss": loss.item()}
     if cfg.loss == "ipa":
+        ref = reference(x_t)  # before the policy: its activations are freed before the graph is built
         pred = backend.predict_velocity(x_t, t.to(x_t.dtype), cond)
-        terms = objective.ipa_terms(pred, reference(x_t), v, t, mask, beta=cfg.beta, hand_weight=cfg.hand_weight)
+        terms = objective.ipa_terms(pred, ref, v, t, mask, beta=cfg.beta, hand_weight=cfg.hand_weight)
         return terms.loss, terms.metrics()
     if cfg.loss == "kto":
+        ref = reference(x_t)
         pred = backend.predict_velocity(x_t, t.to(x_t.dtype), cond)
-        terms = objective.kto_terms(pred, reference(x_t), v, t, batch["desirable"].to(x0.device), mask, beta=cfg.beta, hand_weight=cfg.hand_weight)
+        terms = objective.kto_terms(pred, ref, v, t, batch["desirable"].to(x0.device), mask, beta=cfg.beta, hand_weight=cfg.hand_weight)
         return terms.loss, terms.metrics()
     if cfg.loss == "dpo":
         x0_l = backend.encode(batch["video_lose"])

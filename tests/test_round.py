@@ -253,3 +253,27 @@ def test_params_validation():
         tiny_params(["gate.min_kept=50", "gate.top_k=10"])
     with pytest.raises(ConfigError, match="must look like"):
         tiny_params(["train.beta"])
+
+
+def test_second_round_starts_from_the_aligned_model(gated):
+    """backend.init_adapter merges the previous round's adapter: the new reference is the
+    aligned model, and a fresh adapter trains on top of it."""
+    from ipa_lib.backends import load_backend
+    from ipa_lib.training import train
+
+    params, work = gated
+    train(params, work / "gated", work / "round1", progress=False)
+    aligned = load_backend(params, adapter=work / "round1")
+    params.backend.init_adapter = str(work / "round1")
+    merged = load_backend(params)
+    batch = {"reference": torch.rand(2, 3, 16, 16) * 2 - 1, "pose": torch.rand(2, 3, 5, 16, 16) * 2 - 1}
+    x, t = torch.randn(2, 3, 5, 16, 16), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        want = aligned.predict_velocity(x, t, aligned.condition(batch))
+        got = merged.predict_velocity(x, t, merged.condition(batch))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    train(params, work / "gated", work / "round2", progress=False)
+    second = load_backend(params, adapter=work / "round2")
+    with torch.no_grad(), second.reference_model():
+        ref = second.predict_velocity(x, t, second.condition(batch))
+    torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-5)

@@ -216,3 +216,23 @@ def load_lora(module: torch.nn.Module, path: str | Path, prefix: str = "transfor
             f"{len(missing)} adapter weights were not in the file (e.g. {missing[:3]})"
         )
     return module
+
+
+def merge_lora(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold the adapter into the base weights and remove the LoRA layers (in place).
+
+    Used to start a new round from an aligned model: the merged network becomes the new
+    frozen reference, and a fresh adapter can be added on top.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, LoraLayer):
+            sub.merge(adapter_names=[ADAPTER_NAME])
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, sub.get_base_layer())
+    for attr in (_CONFIG_ATTR, "peft_config"):
+        if hasattr(module, attr):
+            delattr(module, attr)
+    return module
