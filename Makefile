@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/ipa show
 
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 ## the README's seeds table: three full rounds (round seeds 0, 1, 2) as DVC experiments
 seeds: setup
@@ -42,3 +42,10 @@ pipeline-compile: setup
 bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/gating.py
+
+## the miniature paper table, docs/results.md: 39 DVC experiments (SFT, IPA global/hand, Diffusion-DPO,
+## Diffusion-KTO x beta 200/600/2000 x seeds 0-2 on one gated set; ~60 min on 2 CPU cores), then `ipa report`
+.PHONY: paper-table
+paper-table: setup
+	$(BIN)/python scripts/paper_grid.py run
+	$(BIN)/ipa report
