@@ -170,6 +170,13 @@ def cmd_smoke(args) -> int:
     return smoke_main(args.backend)
 
 
+def cmd_report(args) -> int:
+    from ipa_lib.report import add_arguments, report_main
+
+    parser = add_arguments(argparse.ArgumentParser(prog="ipa report", description="the method x beta table, curves and claims"))
+    return report_main(parser.parse_args(args.extra))
+
+
 def cmd_pipeline(args) -> int:
     from ipa_lib import kfp_cli
 
@@ -211,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("smoke", cmd_smoke, "build a tiny backend, generate, train a few steps, round-trip adapters")
     p.add_argument("--backend", default="wan-animate", choices=["toy", "wan-animate"])
 
+    # report parses its own options (ipa report --help): its module needs numpy at import
+    p = sub.add_parser("report", help="the method x beta table, curves and claims -> docs/results.md", add_help=False)
+    p.set_defaults(func=cmd_report)
+
     hands = sub.add_parser("hands", help="hand detection on images and videos").add_subparsers(dest="hands_cmd", required=True)
     p = hands.add_parser("detect", help="run the MediaPipe hand landmarker")
     p.add_argument("paths", nargs="+"), p.add_argument("--json", action="store_true"), p.add_argument("--model")
@@ -238,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "report":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
