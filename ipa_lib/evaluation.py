@@ -52,7 +52,7 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
              base_model: str | None = None, progress: bool = True) -> dict:
     from ipa_lib.backends import load_backend
     from ipa_lib.data import hand_masks
-    from ipa_lib.io import atomic_dir, atomic_write_json, require_dir
+    from ipa_lib.io import atomic_dir, atomic_write_json, require_dir, save_npz
     from ipa_lib.sampling import generate_clips, toy_conditions
     from ipa_lib.toy_quality import ToyHandScorer
     from ipa_lib.visualize import side_by_side
@@ -63,7 +63,7 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
     cond = toy_conditions(cfg.pose_seed, cfg.num_poses, toy.frames, toy.size, toy.motion)
     masks = hand_masks(cond["hand_keypoints"], toy.size, toy.size)
     scorer = ToyHandScorer()
-    rows, shown = [], {}
+    rows, shown, clips = [], {}, {"base": [], "ipa": []}
     for seed in cfg.seeds:
         seeds = [7_000_000 + seed * 10_000 + i for i in range(cfg.num_poses)]
         for model in ("base", "ipa"):
@@ -72,6 +72,7 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
                     video = generate_clips(backend, cond["reference"], cond["pose"], seeds, cfg.num_inference_steps, 64, progress, f"eval[{model} seed {seed}]")
             else:
                 video = generate_clips(backend, cond["reference"], cond["pose"], seeds, cfg.num_inference_steps, 64, progress, f"eval[{model} seed {seed}]")
+            clips[model].append(video)
             if seed == cfg.seeds[0]:
                 shown[model] = video
             for i in range(cfg.num_poses):
@@ -87,6 +88,9 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "per_clip.json", rows)
         atomic_write_json(tmp / "details.json", details)
+        # the generated clips, (S seeds, N poses, F, H, W, 3) uint8: set-level metrics (FD) in `ipa report`
+        save_npz(tmp / "clips.npz", base=np.stack(clips["base"]), ipa=np.stack(clips["ipa"]),
+                 seeds=np.array(cfg.seeds), poses=np.arange(cfg.pose_seed, cfg.pose_seed + cfg.num_poses))
         n = min(6, cfg.num_poses)
         side_by_side(tmp / "side_by_side", {"driving pose": cond["pose"][:n], "base": shown["base"][:n],
                                             "IPA": shown["ipa"][:n], "ground truth": cond["target"][:n]})
