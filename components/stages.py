@@ -8,7 +8,9 @@ pipeline, so everything a function uses is imported inside its body.
 
 Every component takes the whole validated parameter set as `params_json` (from
 params.yaml, see `ipa_lib.kfp_cli`) and parses it with `ipa_lib.config.parse_params`,
-so a task means what the same DVC stage means.
+so a task means what the same DVC stage means. Like `ipa <stage>`, every stage runs in its
+MLflow stage run (`ipa_lib.tracking.tracked_stage`); the lineage file each output carries
+puts all stages of one pipeline run, and its registered version, under one round run.
 """
 
 # no `from __future__ import annotations`: KFP reads the real annotations
@@ -24,9 +26,12 @@ def sample(params_json: str, base_model: str, samples: Output[Dataset]):
 
     from ipa_lib.config import parse_params
     from ipa_lib.sampling import sample as run
+    from ipa_lib.tracking import tracked_stage
 
     params = parse_params(json.loads(params_json), "params_json")
-    samples.metadata.update(run(params, samples.path, base_model, progress=False))
+    result = tracked_stage(params, "sample", lambda p: run(p, samples.path, base_model, progress=False),
+                           inputs=[], output=samples.path)
+    samples.metadata.update(result)
 
 
 def gate(params_json: str, samples: Input[Dataset], gated: Output[Dataset], report: Output[Markdown]):
@@ -36,9 +41,12 @@ def gate(params_json: str, samples: Input[Dataset], gated: Output[Dataset], repo
 
     from ipa_lib.config import parse_params
     from ipa_lib.gating import gate as run
+    from ipa_lib.tracking import tracked_stage
 
     params = parse_params(json.loads(params_json), "params_json")
-    gated.metadata.update(run(params, samples.path, gated.path, progress=False))
+    result = tracked_stage(params, "gate", lambda p: run(p, samples.path, gated.path, progress=False),
+                           inputs=[(samples.path, "samples")], output=gated.path)
+    gated.metadata.update(result)
     shutil.copy(f"{gated.path}/report.md", report.path)
 
 
@@ -47,11 +55,13 @@ def train(params_json: str, beta: float, base_model: str, gated: Input[Dataset],
     import json
 
     from ipa_lib.config import parse_params
+    from ipa_lib.tracking import tracked_stage
     from ipa_lib.training import train as run
 
     params = parse_params(json.loads(params_json), "params_json")
     params.train.beta = beta  # validated on assignment (> 0)
-    summary = run(params, gated.path, adapter.path, base_model, progress=False)
+    summary = tracked_stage(params, "train", lambda p: run(p, gated.path, adapter.path, base_model, progress=False),
+                            inputs=[(gated.path, "gated-samples")], output=adapter.path, dvc_stage=f"train@{beta:g}")
     for k, v in summary["final"].items():
         metrics.log_metric(f"train/{k}", v)
     adapter.metadata.update({"beta": beta, "loss": summary["loss"], "steps": summary["steps"]})
@@ -66,10 +76,12 @@ def evaluate(params_json: str, beta: float, base_model: str, adapter: Input[Mode
     from ipa_lib.config import parse_params
     from ipa_lib.evaluation import evaluate as run
     from ipa_lib.selection import eval_metric_items, evaluation_html
+    from ipa_lib.tracking import tracked_stage
 
     params = parse_params(json.loads(params_json), "params_json")
     params.train.beta = beta
-    result = run(params, adapter.path, evaluation.path, f"{evaluation.path}/eval.json", base_model, progress=False)
+    result = tracked_stage(params, "evaluate", lambda p: run(p, adapter.path, evaluation.path, f"{evaluation.path}/eval.json", base_model, progress=False),
+                           inputs=[(adapter.path, "adapter")], output=evaluation.path, dvc_stage=f"evaluate@{beta:g}")
     for k, v in eval_metric_items(result).items():
         metrics.log_metric(k, v)
     Path(report.path).write_text(evaluation_html(result, f"{evaluation.path}/side_by_side.png", f"beta = {beta:g}"))
@@ -99,9 +111,11 @@ def register(params_json: str, base_model: str, adapter: Input[Model], evaluatio
 
     from ipa_lib.config import parse_params
     from ipa_lib.registry import register_model
+    from ipa_lib.tracking import read_lineage
 
     params = parse_params(json.loads(params_json), "params_json")
-    return register_model(params, adapter.path, base_model, f"{evaluation.path}/eval.json", record_path=registration.path)
+    return register_model(params, adapter.path, base_model, f"{evaluation.path}/eval.json",
+                          lineage_in=read_lineage(evaluation.path), record_path=registration.path)
 
 
 def decide_promotion(params_json: str, version: int, report: Output[Markdown]) -> bool:

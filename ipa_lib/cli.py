@@ -19,40 +19,15 @@ def _params(args):
     return load_params(args.params, args.set)
 
 
+def tracked_stage(*args, **kwargs):
+    """`ipa_lib.tracking.tracked_stage`, imported on first use (keeps `ipa --help` fast)."""
+    from ipa_lib.tracking import tracked_stage as run
+
+    return run(*args, **kwargs)
+
+
 def _print(result) -> None:
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
-
-
-def _numbers(prefix: str, d: dict) -> dict[str, float]:
-    """Flatten the numeric leaves of a stage result into `prefix/key` metrics."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, bool) or v is None:
-            continue
-        if isinstance(v, (int, float)):
-            out[f"{prefix}/{k}"] = float(v)
-        elif isinstance(v, dict):
-            out.update(_numbers(f"{prefix}/{k}", v))
-    return out
-
-
-def _tracked(params, stage: str, fn, *, inputs: list[tuple[str, str]], output: str):
-    """Run a stage function inside its MLflow stage run: params, tags, the input datasets
-    (lineage), the result's numbers as `stage/...` metrics and the output folder as artifacts."""
-    from ipa_lib.tracking import read_lineage, stage_run
-
-    lineage = [read_lineage(path) for path, _ in inputs]
-    with stage_run(params, stage, lineage, lineage_out=output) as run:
-        for path, name in inputs:
-            run.log_dataset(path, name=name, context=stage)
-        result = fn(params)
-        for entry in result.get("log", []):  # training curves, one point per logged step
-            run.log_metrics({f"{stage}/{k}": v for k, v in entry.items() if k != "step"}, step=entry["step"])
-        run.log_metrics(_numbers(stage, {k: v for k, v in result.items() if k != "log"}))
-        if Path(output).is_dir():
-            run.log_artifacts(output, stage)
-        run.log_outputs(output)
-    return result
 
 
 def cmd_pretrain(args) -> int:
@@ -60,7 +35,7 @@ def cmd_pretrain(args) -> int:
 
     params = _params(args)
     out = args.out or params.pretrain.out
-    result = _tracked(params, "pretrain", lambda p: pretrain(p, out, progress=not args.quiet), inputs=[], output=out)
+    result = tracked_stage(params, "pretrain", lambda p: pretrain(p, out, progress=not args.quiet), inputs=[], output=out)
     result.pop("log", None)
     _print(result)
     return 0
@@ -72,7 +47,7 @@ def cmd_sample(args) -> int:
     params = _params(args)
     out = args.out or params.sample.out
     base = args.base_model or params.backend.base_model
-    result = _tracked(params, "sample", lambda p: sample(p, out, args.base_model, args.adapter, progress=not args.quiet),
+    result = tracked_stage(params, "sample", lambda p: sample(p, out, args.base_model, args.adapter, progress=not args.quiet),
                       inputs=[(base, "base-model")] if Path(base).exists() else [], output=out)
     _print(result)
     return 0
@@ -83,7 +58,7 @@ def cmd_gate(args) -> int:
 
     params = _params(args)
     samples, out = args.samples or params.sample.out, args.out or params.gate.out
-    _print(_tracked(params, "gate", lambda p: gate(p, samples, out, progress=not args.quiet), inputs=[(samples, "samples")], output=out))
+    _print(tracked_stage(params, "gate", lambda p: gate(p, samples, out, progress=not args.quiet), inputs=[(samples, "samples")], output=out))
     return 0
 
 
@@ -105,7 +80,7 @@ def cmd_train(args) -> int:
             plot_curve(f"{out}/train_curve.png", result["log"], title=f"train[{p.train.loss}] beta={p.train.beta} lambda={p.train.hand_weight}")
         return result
 
-    result = _tracked(params, "train", run, inputs=[(gated, "gated-samples")], output=out)
+    result = tracked_stage(params, "train", run, inputs=[(gated, "gated-samples")], output=out)
     result.pop("log", None)
     _print(result)
     return 0
@@ -117,7 +92,7 @@ def cmd_evaluate(args) -> int:
     params = _params(args)
     adapter, out = args.adapter or params.train.out, args.out or params.evaluate.out
     metrics = args.metrics or params.evaluate.metrics
-    result = _tracked(params, "evaluate", lambda p: evaluate(p, adapter, out, metrics, args.base_model, progress=not args.quiet),
+    result = tracked_stage(params, "evaluate", lambda p: evaluate(p, adapter, out, metrics, args.base_model, progress=not args.quiet),
                       inputs=[(adapter, "adapter")], output=out)
     print(format_table(result))
     return 0

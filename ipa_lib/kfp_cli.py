@@ -82,20 +82,9 @@ def pipeline_arguments(params: Params, overrides: list[str] | None = None, *, lo
             raise ConfigError(f"--param {item!r} must look like NAME=VALUE (NAME: {', '.join(PARAMETERS)} or a dotted params key)")
         key, raw = (s.strip() for s in item.split("=", 1))
         if key == "params_json":
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"--param params_json: not valid JSON ({err})") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"--param params_json: must be a JSON object, got {type(data).__name__}")
+            data = _parse_value(key, raw, json.loads, "JSON", dict, "a JSON object")
         elif key == "betas":
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"--param betas: not a valid list ({err})") from None
-            if not isinstance(value, list):
-                raise ConfigError(f"--param betas: must be a list of positive numbers like [200, 600], got {raw!r}")
-            data.setdefault("pipeline", {})["betas"] = value
+            data.setdefault("pipeline", {})["betas"] = _parse_value(key, raw, yaml.safe_load, "YAML", list, "a list of positive numbers like [200, 600]")
         elif key == "base_model":
             if not raw:
                 raise ConfigError("--param base_model: empty path")
@@ -113,6 +102,17 @@ def pipeline_arguments(params: Params, overrides: list[str] | None = None, *, lo
         "betas": list(params.pipeline.betas),
         "base_model": base_model,
     }
+
+
+def _parse_value(key: str, raw: str, loads, fmt: str, kind: type, what: str):
+    """`--param KEY=RAW` parsed with `loads` (json/yaml) and checked to be a `kind`."""
+    try:
+        value = loads(raw)
+    except Exception as err:  # noqa: BLE001 (json.JSONDecodeError or yaml.YAMLError)
+        raise ConfigError(f"--param {key}: not valid {fmt} ({err}); expected {what}") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"--param {key}: must be {what}, got {raw!r}")
+    return value
 
 
 def local_base_model(params: Params) -> str:

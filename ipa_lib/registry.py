@@ -338,7 +338,12 @@ def register_model(
     metrics_path = Path(metrics_path)
     with tempfile.TemporaryDirectory(prefix="ipa-register-") as tmp:
         snap = params.model_dump(mode="json")
-        snap["backend"]["init_adapter"] = None  # the artifacts below are the model
+        if params.backend.init_adapter and base_dir is not None and params.backend.name == "toy":
+            # a later round trained its adapter over base + the previous champion's LoRA: the
+            # registered model is that merged base plus this adapter, self-contained
+            base_dir = merged_start_model(params, base_dir, Path(tmp) / "base_model")
+            snap["backend"]["init_adapter"] = None
+        # (a large base keeps init_adapter in the snapshot: loading merges it again)
         if base_dir is None and base_model_dir:
             snap["backend"]["base_model"] = str(base_model_dir)
         snap_path = Path(tmp) / "params.yaml"
@@ -401,6 +406,24 @@ def register_model(
         Path(record_path).parent.mkdir(parents=True, exist_ok=True)
         Path(record_path).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return version
+
+
+def merged_start_model(params: Params, base_dir: str | Path, out: str | Path) -> Path:
+    """Save the model a round started from (`base_dir` with `backend.init_adapter` merged,
+    as `load_backend` builds it) as a base-model folder at `out`; toy backend only."""
+    from ipa_lib.backends import load_backend
+
+    params = params.model_copy(deep=True)
+    params.backend.device = "cpu"
+    backend = load_backend(params, base_dir)
+    from ipa_lib.backends.toy import TOY_CONFIG
+
+    config = Path(base_dir) / TOY_CONFIG
+    extra = json.loads(config.read_text()) if config.is_file() else {}
+    extra.pop("backend", None)
+    extra["merged_init_adapter"] = params.backend.init_adapter
+    backend.save_pretrained(out, extra)
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- helpers

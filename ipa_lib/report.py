@@ -842,6 +842,7 @@ def describe_setup(cells: Sequence[Cell], clip_info: dict, extractors: dict | No
     c0 = cells[0]
     p = c0.params or {}
     tr, ev, toy = p.get("train", {}), p.get("evaluate", {}), p.get("toy", {})
+    dpo_batch = sorted({(c.params or {}).get("train", {}).get("batch_size") for c in cells if c.method == "dpo"} - {None})
     by_round = {r: [c for c in cells if c.round == r] for r in sorted({c.round for c in cells})}
     lines = [
         f"{len(cells)} trained cells in {len(by_round)} round(s): " + "; ".join(
@@ -851,8 +852,10 @@ def describe_setup(cells: Sequence[Cell], clip_info: dict, extractors: dict | No
             for r, cs in by_round.items()),
         f"Toy world {toy.get('frames')} frames x {toy.get('size')} px; every method trains a LoRA (rank {tr.get('lora_rank')}) "
         f"on the same gated samples of the same base for the same {tr.get('steps')} steps (batch {tr.get('batch_size')}, lr {tr.get('lr')}). "
-        "SFT/IPA see the kept samples, KTO kept (desirable) + bottom-half (undesirable), DPO best-vs-worst pairs of one driving pose "
-        "(each DPO item is two clips: twice the forward passes per step).",
+        "SFT/IPA see the kept samples, KTO kept (desirable) + bottom-half (undesirable), DPO best-vs-worst pairs of one driving pose. "
+        + (f"Each DPO item is a pair (two clips), so DPO trains on {', '.join(map(str, dpo_batch))} pairs per step: "
+           "every method pushes the same number of clips through the policy and the reference per step (equal compute)."
+           if dpo_batch else ""),
         "Baselines (SFT, DPO, KTO) use the same hand weighting as IPA hand (λ=10), so the comparison isolates the objective; "
         "IPA global is λ=1.",
         "β mapping: identity (β_toy = β_paper: 200, 600, 2000). The toy's latents are pixels in [-1, 1] (the identity VAE) "
@@ -882,9 +885,14 @@ def describe_setup(cells: Sequence[Cell], clip_info: dict, extractors: dict | No
             lines.append(f"Wall time per cell as run (train + evaluate, + DVC/process overhead for DVC cells): mean {np.mean(tot):.0f} s, "
                          f"max {np.max(tot):.0f} s, total {np.sum(tot) / 60:.1f} min.")
     for rec in grid_records:
-        lines.append(f"Grid round {rec.get('round')}: {rec.get('cells')} cells with the {rec.get('runner')} runner "
+        sg = rec.get("sample_gate_seconds")
+        shared = (f"the shared sample + gate took {sg:.0f} s of it" + (" (restored from DVC's cache)" if sg < 30 else "")
+                  if sg is not None else "shared sample + gate included")
+        failed = f"; failed and rerun later: {', '.join(rec['failed'])}" if rec.get("failed") else ""
+        failed += f"; {rec['note']}" if rec.get("note") else ""
+        lines.append(f"Grid invocation (round {rec.get('round')}): {rec.get('cells')} cells with the {rec.get('runner')} runner "
                      f"({rec.get('jobs')} job(s)) on {rec.get('cpu_cores')} CPU cores in {rec.get('minutes')} min "
-                     f"(shared sample + gate included), finished {rec.get('finished')}; the grid's budget, as `-S` "
+                     f"({shared}), finished {rec.get('finished')}{failed}; the grid's budget, as `-S` "
                      f"overrides shared by all cells: {', '.join(f'`{o}`' for o in rec.get('overrides', []))}.")
     sources = sorted({str(c.meta.get("source", "?")).split(":")[0] for c in cells})
     lines.append(f"Cells came from: {', '.join(sources)} (dvc = a DVC experiment per cell, see scripts/paper_grid.py).")

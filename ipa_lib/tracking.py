@@ -620,3 +620,39 @@ def stage_run(
         _terminate(tracker, round_id, status)
     if lineage_out is not None:
         write_lineage(lineage_out, run.lineage)
+
+
+def numeric_leaves(prefix: str, d: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten the numeric leaves of a stage result into `prefix/key` metrics."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)):
+            out[f"{prefix}/{k}"] = float(v)
+        elif isinstance(v, Mapping):
+            out.update(numeric_leaves(f"{prefix}/{k}", v))
+    return out
+
+
+def tracked_stage(params: Params, stage: str, fn, *, inputs: Sequence[tuple[str | Path, str]], output: str | Path,
+                  dvc_stage: str | None = None) -> dict:
+    """Run `fn(params)` (a stage function returning its result dict) inside the stage's MLflow
+    run: params, tags, the input folders as datasets (their lineage picks the round), the
+    result's numbers as `<stage>/...` metrics (`log` entries as curves), the output folder as
+    artifacts, and the lineage written into `output` for the next stage. The one wrapper for
+    DVC stages (`ipa <stage>`) and KFP components alike; `dvc_stage` names a sweep member
+    (e.g. "train@600") so parallel members of one round do not open new rounds."""
+    lineage = [read_lineage(path) for path, _ in inputs]
+    name = dvc_stage or stage
+    with stage_run(params, stage, lineage, lineage_out=output, dvc_stage=dvc_stage) as run:
+        for path, dataset in inputs:
+            run.log_dataset(path, name=dataset, context=name)
+        result = fn(params)
+        for entry in result.get("log", []):  # training curves, one point per logged step
+            run.log_metrics({f"{stage}/{k}": v for k, v in entry.items() if k != "step"}, step=entry["step"])
+        run.log_metrics(numeric_leaves(stage, {k: v for k, v in result.items() if k != "log"}))
+        if Path(output).is_dir():
+            run.log_artifacts(output, stage)
+        run.log_outputs(output)
+    return result

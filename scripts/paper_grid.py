@@ -53,6 +53,9 @@ METHODS = {
     "dpo": ("dpo", 10.0, True),
     "kto": ("kto", 10.0, True),
 }
+# equal compute per step: a DPO item is a pair (winner + loser, two clips through the policy and
+# the reference), so DPO's batch is half the grid's batch in pairs (see cell_overrides)
+PAIRED_METHODS = ("dpo",)
 BETAS = (200.0, 600.0, 2000.0)
 SEEDS = (0, 1, 2)
 # the grid's budget on 2 CPU cores (see docs/results.md "Setup" and README "Paper table")
@@ -125,6 +128,15 @@ def plan(methods=tuple(METHODS), betas=BETAS, seeds=SEEDS, round_: int = 1, init
     return cells
 
 
+def cell_overrides(spec: CellSpec, common: list[str]) -> list[str]:
+    """The grid's shared overrides + the cell's own (the cell wins), with a paired method's
+    batch halved so every method pushes the same number of clips through per step."""
+    merged = dict(o.split("=", 1) for o in common + spec.overrides())
+    if spec.method in PAIRED_METHODS and "train.batch_size" in merged:
+        merged["train.batch_size"] = str(max(1, int(merged["train.batch_size"]) // 2))
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
 def budget_overrides(budget: dict, extra: list[str]) -> list[str]:
     out = {k: str(v) for k, v in budget.items()}
     for item in extra:
@@ -190,7 +202,7 @@ def _prepare_tracking(common: list[str], repo: Path, env: dict) -> None:
 def exp_cmd(spec: CellSpec, common: list[str], mode: str) -> list[str]:
     """`dvc exp run` for one cell; stops after evaluate (grid cells are not registry candidates)."""
     cmd = ["dvc", "exp", "run", f"--{mode}", "-n", spec.name]
-    for o in common + spec.overrides():
+    for o in cell_overrides(spec, common):
         cmd += ["-S", o]
     return cmd + ["evaluate"]
 
@@ -217,12 +229,14 @@ def existing_experiments(repo: Path, env: dict) -> dict[str, dict]:
     return out
 
 
-def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: Path, repo: Path = REPO, jobs: int = 1) -> None:
+def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: Path, repo: Path = REPO, jobs: int = 1) -> dict:
+    """Run the cells as DVC experiments and collect them; returns timings and failed cells."""
     env = _env(repo, jobs)
     _prepare_tracking(common, repo, env)
     started = time.time()
     _sh(["dvc", "repro", "gate"], repo, env)  # the shared samples + gated set, once (cached if unchanged)
-    print(f"shared sample+gate ready in {time.time() - started:.0f} s", flush=True)
+    timing = {"sample_gate_seconds": round(time.time() - started, 1), "failed": []}
+    print(f"shared sample+gate ready in {timing['sample_gate_seconds']:.0f} s", flush=True)
     names = [s.name for s in specs]
     old = [n for n in existing_experiments(repo, env) if n in names]
     if old:
@@ -234,7 +248,7 @@ def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: P
             _sh(exp_cmd(spec, common, "temp"), repo, env)
             seconds[spec.name] = {"total": round(time.time() - t0, 1)}
             collect(cells_root, repo, env, {spec.name: spec}, seconds)
-        return
+        return timing
     for spec in specs:
         _sh(exp_cmd(spec, common, "queue"), repo, env)
     t0 = time.time()
@@ -245,11 +259,15 @@ def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: P
         pending = [line for line in status.splitlines() if any(n in line for n in names) and ("Queued" in line or "Running" in line)]
         if not pending:
             break
-    print(f"queue done in {(time.time() - t0) / 60:.1f} min", flush=True)
-    failed = [line for line in status.splitlines() if "Failed" in line]
+    timing["queue_minutes"] = round((time.time() - t0) / 60, 1)
+    print(f"queue done in {timing['queue_minutes']:.1f} min", flush=True)
+    failed = [line for line in status.splitlines() if "Failed" in line and any(n in line for n in names)]
     if failed:
-        print("failed cells (see `dvc queue logs <task>`):\n" + "\n".join(failed), file=sys.stderr)
+        timing["failed"] = [n for n in names if any(n in line.split() for line in failed)]
+        print("failed cells (see `dvc queue logs <task>`; rerun them with --methods/--betas/--seeds):\n"
+              + "\n".join(failed), file=sys.stderr)
     collect(cells_root, repo, env, {s.name: s for s in specs}, None, started_at=t0 if jobs == 1 else None)
+    return timing
 
 
 def _spec_from_params(name: str, params: dict) -> CellSpec:
@@ -320,7 +338,7 @@ def run_inline(specs: list[CellSpec], params_path: str | Path, common: list[str]
     gated: dict[str | None, Path] = {}
     written = []
     for spec in specs:
-        params = load_params(params_path, common + spec.overrides())
+        params = load_params(params_path, cell_overrides(spec, common))
         if spec.init_adapter not in gated:  # one sample + gate per starting model
             tag = "base" if spec.init_adapter is None else Path(spec.init_adapter).parent.name
             t0 = time.time()
@@ -358,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--betas", nargs="+", type=float, default=list(BETAS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--round", type=int, default=1, help="2 = sample again from each round-1 adapter")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only the planned cells matching these names/globs (e.g. rerun failed ones)")
     p.add_argument("--runner", choices=["queue", "temp", "inline"], default="queue")
     p.add_argument("--jobs", type=int, default=2, help="queue workers, each with cores/jobs threads (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every cell (wins over the budget)")
@@ -374,20 +393,28 @@ def main(argv: list[str] | None = None) -> int:
         collect(cells_root, Path(args.repo))
         return 0
     specs = plan(args.methods, args.betas, args.seeds, args.round, adapters)
+    if args.only:
+        import fnmatch
+
+        specs = [s for s in specs if any(fnmatch.fnmatch(s.name, pat) for pat in args.only)]
+        if not specs:
+            raise SystemExit(f"--only {' '.join(args.only)}: matches no planned cell (see `plan`)")
     if args.action == "plan":
         for s in specs:
             print(" ".join(exp_cmd(s, common, "queue")))
         print(f"{len(specs)} cells", file=sys.stderr)
         return 0
     started = time.time()
+    timing = {}
     if args.runner == "inline":
         run_inline(specs, args.params, common, Path(args.work), cells_root, progress=False)
     else:
-        run_dvc(specs, common, args.runner, cells_root, Path(args.repo), args.jobs)
+        timing = run_dvc(specs, common, args.runner, cells_root, Path(args.repo), args.jobs)
     minutes = (time.time() - started) / 60
     record = {"round": args.round, "runner": args.runner, "jobs": args.jobs, "cells": len(specs), "minutes": round(minutes, 1),
-              "cpu_cores": os.cpu_count(), "overrides": common, "finished": time.strftime("%Y-%m-%d %H:%M")}
-    (cells_root / f"grid-round-{args.round}.json").write_text(json.dumps(record, indent=2) + "\n")
+              "cpu_cores": os.cpu_count(), "overrides": common, "finished": time.strftime("%Y-%m-%d %H:%M"), **timing}
+    # one record per invocation (a rerun of failed cells adds one; the report lists them all)
+    (cells_root / f"grid-round-{args.round}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"grid: {len(specs)} cells in {minutes:.1f} min", flush=True)
     return 0
 

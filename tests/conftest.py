@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules next to the tests
 
+from mlflow_server import mlflow_server  # noqa: E402,F401 (fixture shared by the MLflow tests)
+
 # A round small enough for tests: 5x16x16 clips, a 2-layer animator, a few steps everywhere.
 TINY = [
     "toy.size=16",

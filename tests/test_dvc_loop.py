@@ -38,6 +38,11 @@ def dvc_repo(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(REPO / "ipa_lib", repo / "ipa_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    # which ipa_lib the stages import: must be this repo's copy, not the editable install
+    with open(repo / "ipa_lib" / "__init__.py", "a") as f:
+        f.write('\nimport os as _os\nif _os.environ.get("IPA_CODE_MARKER"):\n'
+                '    open(_os.environ["IPA_CODE_MARKER"], "a").write(__file__ + "\\n")\n')
+    env["IPA_CODE_MARKER"] = str(tmp_path_factory.mktemp("marker") / "imports.txt")
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     for item in [t for t in TINY if not t.startswith("tracking.")]:
         apply_override(data, item)
@@ -68,6 +73,9 @@ def test_repro_runs_the_round_then_nothing(dvc_repo):
     # every stage's output carries the round's lineage (one parent MLflow run per round)
     rounds = {json.loads((repo / p / "lineage.json").read_text())["round_run_id"] for p in ("data/samples", "data/gated", "models/adapter", "eval")}
     assert len(rounds) == 1
+
+    imported = set(Path(env["IPA_CODE_MARKER"]).read_text().split())
+    assert imported == {str(repo / "ipa_lib" / "__init__.py")}, imported
 
     second = _sh(["dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout

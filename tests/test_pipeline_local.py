@@ -107,6 +107,23 @@ def test_run_local_matches_the_library(tmp_path):
     assert registration["version"] == 1 and registration["metrics"]["ipa"]["hand_quality"] == pytest.approx(
         reference["ipa"]["hand_quality"], abs=1e-6)
 
+    # MLflow: every task ran in its stage run under one round run, like `dvc repro`'s stages
+    stages = registration["lineage"]["stages"]
+    assert set(stages) == {"sample", "gate", f"train@{BETA:g}", f"evaluate@{BETA:g}", "register"}, stages
+    from mlflow.tracking import MlflowClient
+
+    from ipa_lib.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    round_id = registration["lineage"]["round_run_id"]
+    for stage, run_id in stages.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == round_id, stage
+    train_run = client.get_run(stages[f"train@{BETA:g}"])
+    assert train_run.data.params["train.beta"] == f"{BETA}" and "train/loss" in train_run.data.metrics
+    assert client.get_run(stages[f"evaluate@{BETA:g}"]).data.metrics["evaluate/ipa/hand_quality"] == pytest.approx(
+        reference["ipa"]["hand_quality"], abs=1e-6)
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base not pulled (dvc pull models/base)")

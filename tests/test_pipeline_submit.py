@@ -194,7 +194,7 @@ def test_existing_experiment_is_reused(fake, kfp_home):
     ("betas=[600, 600]", "must not repeat"),
     ("betas=600", "must be a list of positive numbers"),
     ("betas=[600, lots]", "pipeline.betas.1"),
-    ("betas=[unclosed", "not a valid list"),
+    ("betas=[unclosed", "betas: not valid YAML"),
     ("learning_rate=1", "unknown pipeline parameter"),
     ("train.nope=1", "train.nope: unknown key"),
     ("train.steps=-3", "train.steps"),

@@ -4,9 +4,7 @@ through `models:/` URIs, racing promotions and bad input, against a real `mlflow
 from __future__ import annotations
 
 import json
-import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -16,15 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-sys.path.insert(0, str(Path(__file__).parent))
-
-from mlflow_server import mlflow_server  # noqa: E402,F401 (fixture)
-
-import ipa_lib.registry as registry  # noqa: E402
-from ipa_lib.config import ModelConfig, Params, PromoteConfig, TrackingConfig  # noqa: E402
-from ipa_lib.registry import (  # noqa: E402
+import ipa_lib.registry as registry
+from ipa_lib.config import ModelConfig, Params, PromoteConfig, TrackingConfig
+from ipa_lib.registry import (
     LOCK_SUFFIX,
     MetricsError,
     RegistryError,
@@ -40,8 +32,8 @@ from ipa_lib.registry import (  # noqa: E402
     resolve_start,
     version_metrics,
 )
-from ipa_lib.registry_cli import promote_main, register_main  # noqa: E402
-from ipa_lib.tracking import TrackingUnavailable  # noqa: E402
+from ipa_lib.registry_cli import promote_main, register_main
+from ipa_lib.tracking import TrackingUnavailable
 
 CFG = PromoteConfig(primary_metric="hand_pass_rate", margin=0.02, tolerances={"psnr": 1.0, "ssim": 0.02})
 
@@ -429,3 +421,28 @@ def test_champion_generates_a_clip_with_the_toy_animator(monkeypatch, mlflow_ser
     assert clip.shape == ex["pose_video"].shape and clip.dtype == np.uint8
     again = model.predict(ex, params={"seed": 0, "num_inference_steps": 2})
     assert np.array_equal(clip, again)  # seeded
+
+    # a second round: its adapter was trained over base + the champion's LoRA (merged), so the
+    # registered v2 must carry that merged base, not the original one
+    from ipa_lib.backends import load_backend
+
+    round2 = params.model_copy(deep=True)
+    round2.backend.init_adapter = f"models:/{params.tracking.registered_model}@champion"
+    round2.backend.base_model = str(tmp_path / "base")
+    start = load_backend(round2)  # base + v1 merged
+    start.add_lora(params.train.lora_rank, params.train.lora_alpha, params.train.lora_targets)
+    for p in lora_parameters(start.transformer):
+        p.data.normal_(0.0, 0.05)
+    start.save_adapter(tmp_path / "adapter2")
+    v2 = register_model(round2, tmp_path / "adapter2", tmp_path / "base", _write_eval(tmp_path / "eval2.json", M(0.8), M(0.7)))
+    assert promote(round2, v2).champion == v2
+    clip2 = mlflow.pyfunc.load_model(f"models:/{params.tracking.registered_model}/{v2}").predict(
+        ex, params={"seed": 0, "num_inference_steps": 2})
+    want = registry._animate(load_backend(round2.model_copy(update={"backend": round2.backend.model_copy(
+        update={"init_adapter": f"models:/{params.tracking.registered_model}/{version}"})}), adapter=tmp_path / "adapter2"),
+        ex["reference"], ex["pose_video"], 0, 2)
+    assert np.array_equal(clip2, np.asarray(want, dtype=np.uint8))
+    plain = params.model_copy(deep=True)
+    plain.backend.base_model = str(tmp_path / "base")
+    wrong = registry._animate(load_backend(plain, adapter=tmp_path / "adapter2"), ex["reference"], ex["pose_video"], 0, 2)
+    assert not np.array_equal(clip2, np.asarray(wrong, dtype=np.uint8))  # the original base alone differs

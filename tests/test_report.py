@@ -255,6 +255,21 @@ def test_full_grid_plan_is_39_dvc_experiments():
         paper_grid.plan(["sft"], round_=2, init_adapters={})
 
 
+def test_dpo_cells_get_equal_compute_per_step():
+    """A DPO item is a pair of clips: its batch is half the grid's, whatever the grid's is."""
+    specs = {s.name: s for s in paper_grid.plan()}
+    for extra, want in (([], "4"), (["train.batch_size=6"], "3"), (["train.batch_size=1"], "1")):
+        common = paper_grid.budget_overrides(paper_grid.BUDGET, extra)
+        batches = {name: dict(o.split("=", 1) for o in paper_grid.cell_overrides(s, common))["train.batch_size"]
+                   for name, s in specs.items()}
+        grid = dict(o.split("=", 1) for o in common)["train.batch_size"]
+        assert {n: b for n, b in batches.items() if "-dpo-" in n} == {n: want for n in batches if "-dpo-" in n}
+        assert {b for n, b in batches.items() if "-dpo-" not in n} == {grid}
+    cmd = paper_grid.exp_cmd(specs["paper-r1-dpo-b600-s1"], paper_grid.budget_overrides(paper_grid.BUDGET, []), "queue")
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-S"]
+    assert [s for s in sets if s.startswith("train.batch_size=")] == ["train.batch_size=4"]  # once, not twice
+
+
 # ---- the reduced grid end to end --------------------------------------------------------------------------
 
 def _report_args(cells: Path, out: Path, features: Path) -> argparse.Namespace:

@@ -4,24 +4,16 @@ datasets, artifacts, curves; against a real `mlflow server` and the default loca
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-sys.path.insert(0, str(Path(__file__).parent))
-
-from mlflow_server import mlflow_server  # noqa: E402,F401 (fixture)
-
-from ipa_lib.config import Params, TrackingConfig  # noqa: E402
-from ipa_lib.tracking import (  # noqa: E402
+from ipa_lib.config import Params, TrackingConfig
+from ipa_lib.tracking import (
     TrackingUnavailable,
     check_server,
     default_tracking_uri,

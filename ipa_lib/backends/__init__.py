@@ -29,7 +29,9 @@ def load_backend(params, base_model: str | Path | None = None, adapter: str | Pa
         from ipa_lib.registry import resolve_start  # models:/ URIs -> local folders
 
         start_base, init, _ = resolve_start(params)
-        base_model = base_model or start_base
+        # a registered model carries the base its adapter was trained over (for a later round,
+        # base + earlier champions merged): that base wins over a base passed in
+        base_model = start_base if cfg.init_adapter.startswith("models:/") else (base_model or start_base)
     path = base_model or cfg.base_model
     if cfg.name == "toy":
         from ipa_lib.backends.toy import ToyBackend
