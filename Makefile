@@ -44,8 +44,13 @@ bench: setup
 	$(BIN)/python benchmarks/gating.py
 
 ## the miniature paper table, docs/results.md: 39 DVC experiments (SFT, IPA global/hand, Diffusion-DPO,
-## Diffusion-KTO x beta 200/600/2000 x seeds 0-2 on one gated set; ~60 min on 2 CPU cores), then `ipa report`
-.PHONY: paper-table
+## Diffusion-KTO x beta 200/600/2000 x seeds 0-2 on one gated set; 2 queue workers on 2 CPU cores), then `ipa report`
+.PHONY: paper-table paper-table-round2
 paper-table: setup
 	$(BIN)/python scripts/paper_grid.py run
+	$(BIN)/ipa report
+
+## a second round for IPA hand (beta 600) and SFT: each samples again from its own round-1 adapter
+paper-table-round2: setup
+	$(BIN)/python scripts/paper_grid.py run --round 2 --methods ipa-hand sft --betas 600
 	$(BIN)/ipa report

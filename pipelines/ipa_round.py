@@ -20,8 +20,9 @@ from typing import NamedTuple
 from ipa_lib.config import Params
 
 PIPELINE_NAME = "ipa-round"
-# tasks that talk to MLflow (sample may start from `backend.init_adapter`, a models:/ URI)
-MLFLOW_TASKS = ("sample", "register", "decide-promotion", "promote")
+# tasks that talk to MLflow: every stage logs its stage run (sample may also start from
+# `backend.init_adapter`, a models:/ URI); select-best only copies files
+MLFLOW_TASKS = ("sample", "gate", "train", "evaluate", "register", "decide-promotion", "promote")
 # tasks that read the base model from the workspace PVC
 PVC_TASKS = ("sample", "train", "evaluate", "register")
 # tasks never served from cache: sampling and training (inputs do not pin the data

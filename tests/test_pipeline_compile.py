@@ -167,7 +167,8 @@ def test_pvc_and_secret_env(compiled, params):
         assert k8s[name]["pvcMount"] == [{"constant": pc.pvc_name, "mountPath": pc.mount_path,
                                           "pvcNameParameter": {"runtimeValue": {"constant": pc.pvc_name}}}]
     with_secret = {n for n, e in k8s.items() if "secretAsEnv" in e}
-    assert with_secret == {"exec-sample", "exec-register", "exec-decide-promotion", "exec-promote"}
+    assert with_secret == {"exec-sample", "exec-gate", "exec-train", "exec-evaluate", "exec-register",
+                           "exec-decide-promotion", "exec-promote"}
     for name in with_secret:
         required, optional = k8s[name]["secretAsEnv"]
         assert required["secretName"] == pc.mlflow_secret and required["optional"] is False
