@@ -110,12 +110,12 @@ def resolve_tracking_uri(cfg: TrackingConfig, root: str | Path | None = None) ->
 def redact_uri(uri: str) -> str:
     """Drop `user:password@` from a URI before it is printed or stored."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urllib.parse.urlunsplit(parts)
+    if not (parts.username or parts.password):
+        return uri  # unchanged: urlunsplit would turn sqlite:////abs/path into sqlite://abs/path
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def is_http(uri: str) -> bool:
@@ -573,7 +573,8 @@ def stage_run(
                 raise LookupError
             round_name = r.data.tags.get(TAG_ROUND, round_name)
         except Exception:  # noqa: BLE001 (not in this store: lineage from another store)
-            log.warning("round %s not found in %s; opening a new round", round_id, redact_uri(tracker.uri))
+            log.warning("round %s of the input's lineage is not in experiment %r of %s; opening a new round",
+                        round_id, tracker.experiment, redact_uri(tracker.uri))
             previous, round_id = round_id, None
     if round_id and _round_has_stage(tracker, round_id, dvc_stage):
         previous, round_id = round_id, None  # this stage re-ran: a new round

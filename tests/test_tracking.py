@@ -19,6 +19,7 @@ from ipa_lib.tracking import (
     default_tracking_uri,
     dvc_tags,
     read_lineage,
+    redact_uri,
     resolve_tracking_uri,
     stage_run,
     tree_digest,
@@ -251,3 +252,9 @@ def test_round_run_for_single_process_drivers(monkeypatch, mlflow_server, repo):
     assert s2.lineage["stages"] == {"sample": s1.run_id, "gate": s2.run_id}
     parent = _client(mlflow_server.uri).get_run(rnd.run_id)
     assert parent.info.run_name == "kfp-round" and parent.info.status == "FINISHED"
+
+
+def test_redact_uri_drops_credentials_and_keeps_local_paths():
+    assert redact_uri("http://alice:s3cret@mlflow.example:5000/x") == "http://mlflow.example:5000/x"
+    assert redact_uri("sqlite:////work/repo/.ipa/mlflow.db") == "sqlite:////work/repo/.ipa/mlflow.db"
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
