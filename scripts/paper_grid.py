@@ -264,11 +264,14 @@ def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: P
             break
     timing["queue_minutes"] = round((time.time() - t0) / 60, 1)
     print(f"queue done in {timing['queue_minutes']:.1f} min", flush=True)
-    failed = [line for line in status.splitlines() if "Failed" in line and any(n in line for n in names)]
-    if failed:
-        timing["failed"] = [n for n in names if any(n in line.split() for line in failed)]
-        print("failed cells (see `dvc queue logs <task>`; rerun them with --methods/--betas/--seeds):\n"
-              + "\n".join(failed), file=sys.stderr)
+    # failed = no successful experiment of that name since this queue started (`dvc queue status`
+    # also lists failed tasks of earlier invocations under the same names)
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0))
+    done = existing_experiments(repo, env)
+    timing["failed"] = [n for n in names if n not in done or done[n]["timestamp"][:19] < since]
+    if timing["failed"]:
+        print("failed cells (see `dvc queue status` / `dvc queue logs <task>`; rerun them with --only NAME...):\n  "
+              + "\n  ".join(timing["failed"]), file=sys.stderr)
     collect(cells_root, repo, env, {s.name: s for s in specs}, None, started_at=t0 if jobs == 1 else None)
     return timing
 
