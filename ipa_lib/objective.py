@@ -150,6 +150,20 @@ class IPATerms(_Terms):
         return (self.gain > 0).float().mean()
 
 
+def _anchored_errors(policy_pred: Tensor, reference_pred: Tensor, target: Tensor, t: Tensor, hand_mask: Tensor | None,
+                     beta: float, hand_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate the inputs of a reference-anchored loss (IPA, KTO); return (t, err(policy), err(reference))."""
+    _check_hparams(hand_weight, beta)
+    _check_pred("policy_pred", policy_pred, "target", target)
+    _check_pred("reference_pred", reference_pred, "target", target)
+    t = _check_t(t, target.shape[0])
+    mask = _check_mask("hand_mask", hand_mask, target.shape)
+    policy_err = _weighted_error(policy_pred, target, mask, hand_weight)
+    with torch.no_grad():  # a constant baseline: no graph, no gradient to anything
+        reference_err = _weighted_error(reference_pred, target, mask, hand_weight)
+    return t, policy_err, reference_err
+
+
 def ipa_terms(
     policy_pred: Tensor,
     reference_pred: Tensor,
@@ -178,15 +192,7 @@ def ipa_terms(
         beta: > 0, paper default 600 (200 gave extra hands, 2000 blurry ones).
         hand_weight: lambda_hand >= 1, paper default 10; 1 is the global variant.
     """
-    _check_hparams(hand_weight, beta)
-    _check_pred("policy_pred", policy_pred, "target", target)
-    _check_pred("reference_pred", reference_pred, "target", target)
-    t = _check_t(t, target.shape[0])
-    mask = _check_mask("hand_mask", hand_mask, target.shape)
-
-    policy_err = _weighted_error(policy_pred, target, mask, hand_weight)
-    with torch.no_grad():  # a constant baseline: no graph, no gradient to anything
-        reference_err = _weighted_error(reference_pred, target, mask, hand_weight)
+    t, policy_err, reference_err = _anchored_errors(policy_pred, reference_pred, target, t, hand_mask, beta, hand_weight)
     gain = reference_err - policy_err
     scale = 0.5 * beta * (1 - t.to(gain.dtype)) ** 2
     logits = scale * gain
@@ -348,18 +354,10 @@ def kto_terms(
         desirable: (B,) bool, True for samples the gate kept.
         beta: > 0, about 1000.
     """
-    _check_hparams(hand_weight, beta)
-    _check_pred("policy_pred", policy_pred, "target", target)
-    _check_pred("reference_pred", reference_pred, "target", target)
+    _, policy_err, reference_err = _anchored_errors(policy_pred, reference_pred, target, t, hand_mask, beta, hand_weight)
     B = target.shape[0]
-    _check_t(t, B)
     if desirable.dtype != torch.bool or tuple(desirable.shape) != (B,):
         raise ValueError(f"desirable must be a bool tensor of shape ({B},), got {desirable.dtype} {tuple(desirable.shape)}")
-    mask = _check_mask("hand_mask", hand_mask, target.shape)
-
-    policy_err = _weighted_error(policy_pred, target, mask, hand_weight)
-    with torch.no_grad():
-        reference_err = _weighted_error(reference_pred, target, mask, hand_weight)
     rewards = beta * (reference_err - policy_err)
     kl = rewards.detach().mean().clamp(min=0)
     logits = torch.where(desirable.to(rewards.device), rewards - kl, kl - rewards)
