@@ -412,12 +412,11 @@ def merged_start_model(params: Params, base_dir: str | Path, out: str | Path) ->
     """Save the model a round started from (`base_dir` with `backend.init_adapter` merged,
     as `load_backend` builds it) as a base-model folder at `out`; toy backend only."""
     from ipa_lib.backends import load_backend
+    from ipa_lib.backends.toy import TOY_CONFIG
 
     params = params.model_copy(deep=True)
     params.backend.device = "cpu"
     backend = load_backend(params, base_dir)
-    from ipa_lib.backends.toy import TOY_CONFIG
-
     config = Path(base_dir) / TOY_CONFIG
     extra = json.loads(config.read_text()) if config.is_file() else {}
     extra.pop("backend", None)

@@ -272,7 +272,7 @@ def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: P
     if timing["failed"]:
         print("failed cells (see `dvc queue status` / `dvc queue logs <task>`; rerun them with --only NAME...):\n  "
               + "\n  ".join(timing["failed"]), file=sys.stderr)
-    collect(cells_root, repo, env, {s.name: s for s in specs}, None, started_at=t0 if jobs == 1 else None)
+    collect(cells_root, repo, env, {s.name: s for s in specs}, None, started_at=t0 if jobs == 1 else None, exps=done)
     return timing
 
 
@@ -286,12 +286,13 @@ def _spec_from_params(name: str, params: dict) -> CellSpec:
 
 
 def collect(cells_root: Path, repo: Path = REPO, env: dict | None = None, only: dict[str, CellSpec] | None = None,
-            seconds: dict[str, dict] | None = None, started_at: float | None = None) -> list[Path]:
-    """Copy every finished grid experiment's outputs into `cells_root` (via dvc.api at its revision)."""
+            seconds: dict[str, dict] | None = None, started_at: float | None = None, exps: dict[str, dict] | None = None) -> list[Path]:
+    """Copy every finished grid experiment's outputs into `cells_root` (via dvc.api at its revision);
+    `exps`: `existing_experiments(...)` when the caller already has it (one `dvc exp show` less)."""
     import dvc.api
 
     env = env or _env(repo)
-    exps = existing_experiments(repo, env)
+    exps = existing_experiments(repo, env) if exps is None else exps
     if only is not None:
         exps = {n: e for n, e in exps.items() if n in only}
     # queue mode: cells ran one after another, so the time between commits is a cell's wall time
