@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
-	$(BIN)/python -m ipa_lib.hands.model_file fetch
+	$(BIN)/python -m ipa_lib.data.hands.model_file fetch
 	touch $@
 
 ## one alignment round on the embedded toy world: sample -> gate -> train -> evaluate -> register -> promote

@@ -93,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from ipa_lib.hands import model_file
-    from ipa_lib.hands.landmarker import HandDetector
-    from ipa_lib.hands.masks import hands_to_keypoints, keypoints_mask, pixel_mask_to_latent
-    from ipa_lib.hands.quality import MediaPipeHandScorer, score_hands
-    from ipa_lib.video import read_video
+    from ipa_lib.data.hands import model_file
+    from ipa_lib.data.hands.landmarker import HandDetector
+    from ipa_lib.data.hands.masks import hands_to_keypoints, keypoints_mask, pixel_mask_to_latent
+    from ipa_lib.data.hands.quality import MediaPipeHandScorer, score_hands
+    from ipa_lib.data.video import read_video
 
     model = str(model_file.resolve(args.model) if args.model else model_file.ensure_cached())
     with Image.open(real_dir() / PHOTO) as im:

@@ -7,9 +7,9 @@ dependency, so pods need no network. KFP serializes each function's source into 
 pipeline, so everything a function uses is imported inside its body.
 
 Every component takes the whole validated parameter set as `params_json` (from
-params.yaml, see `ipa_lib.kfp_cli`) and parses it with `ipa_lib.config.parse_params`,
+params.yaml, see `ipa_lib.orchestration.kfp`) and parses it with `ipa_lib.core.config.parse_params`,
 so a task means what the same DVC stage means. Like `ipa <stage>`, every stage runs in its
-MLflow stage run (`ipa_lib.tracking.tracked_stage`); the lineage file each output carries
+MLflow stage run (`ipa_lib.mlops.tracking.tracked_stage`); the lineage file each output carries
 puts all stages of one pipeline run, and its registered version, under one round run.
 """
 
@@ -24,9 +24,9 @@ def sample(params_json: str, base_model: str, samples: Output[Dataset]):
     """Sample clips from the base model (+ `backend.init_adapter`): shard + manifest."""
     import json
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.sampling import sample as run
-    from ipa_lib.tracking import tracked_stage
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.stages.sample import sample as run
+    from ipa_lib.mlops.tracking import tracked_stage
 
     params = parse_params(json.loads(params_json), "params_json")
     result = tracked_stage(params, "sample", lambda p: run(p, samples.path, base_model, progress=False),
@@ -39,9 +39,9 @@ def gate(params_json: str, samples: Input[Dataset], gated: Output[Dataset], repo
     import json
     import shutil
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.gating import gate as run
-    from ipa_lib.tracking import tracked_stage
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.stages.gate import gate as run
+    from ipa_lib.mlops.tracking import tracked_stage
 
     params = parse_params(json.loads(params_json), "params_json")
     result = tracked_stage(params, "gate", lambda p: run(p, samples.path, gated.path, progress=False),
@@ -54,9 +54,9 @@ def train(params_json: str, beta: float, base_model: str, gated: Input[Dataset],
     """LoRA alignment with `train.loss` at this `beta`: adapter (diffusers LoRA format) + log."""
     import json
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.tracking import tracked_stage
-    from ipa_lib.training import train as run
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.mlops.tracking import tracked_stage
+    from ipa_lib.stages.train import train as run
 
     params = parse_params(json.loads(params_json), "params_json")
     params.train.beta = beta  # validated on assignment (> 0)
@@ -73,10 +73,10 @@ def evaluate(params_json: str, beta: float, base_model: str, adapter: Input[Mode
     import json
     from pathlib import Path
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.evaluation import evaluate as run
-    from ipa_lib.selection import eval_metric_items, evaluation_html
-    from ipa_lib.tracking import tracked_stage
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.stages.evaluate import evaluate as run
+    from ipa_lib.stages.select import eval_metric_items, evaluation_html
+    from ipa_lib.mlops.tracking import tracked_stage
 
     params = parse_params(json.loads(params_json), "params_json")
     params.train.beta = beta
@@ -94,8 +94,8 @@ def select_best(params_json: str, adapters: Input[List[Model]], evaluations: Inp
     import json
     from pathlib import Path
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.selection import select_from_runs, selection_markdown
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.stages.select import select_from_runs, selection_markdown
 
     params = parse_params(json.loads(params_json), "params_json")
     chosen = select_from_runs([e.path for e in evaluations], [a.path for a in adapters],
@@ -109,9 +109,9 @@ def register(params_json: str, base_model: str, adapter: Input[Model], evaluatio
     """Register the chosen adapter (+ base) as a new version of `tracking.registered_model`."""
     import json
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.registry import register_model
-    from ipa_lib.tracking import read_lineage
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.mlops.registry import register_model
+    from ipa_lib.mlops.tracking import read_lineage
 
     params = parse_params(json.loads(params_json), "params_json")
     return register_model(params, adapter.path, base_model, f"{evaluation.path}/eval.json",
@@ -124,9 +124,9 @@ def decide_promotion(params_json: str, version: int, report: Output[Markdown]) -
     import json
     from pathlib import Path
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.registry import promote
-    from ipa_lib.selection import decision_markdown
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.mlops.registry import promote
+    from ipa_lib.stages.select import decision_markdown
 
     decision = promote(parse_params(json.loads(params_json), "params_json"), version, dry_run=True)
     Path(report.path).write_text(decision_markdown(decision))
@@ -138,9 +138,9 @@ def promote(params_json: str, version: int, report: Output[Markdown]) -> NamedTu
     import json
     from pathlib import Path
 
-    from ipa_lib.config import parse_params
-    from ipa_lib.registry import promote as run
-    from ipa_lib.selection import decision_markdown
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.mlops.registry import promote as run
+    from ipa_lib.stages.select import decision_markdown
 
     decision = run(parse_params(json.loads(params_json), "params_json"), version, dry_run=False)
     Path(report.path).write_text(decision_markdown(decision))

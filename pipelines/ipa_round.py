@@ -17,7 +17,7 @@ import json
 from pathlib import PurePosixPath
 from typing import NamedTuple
 
-from ipa_lib.config import Params
+from ipa_lib.core.config import Params
 
 PIPELINE_NAME = "ipa-round"
 # tasks that talk to MLflow: every stage logs its stage run (sample may also start from

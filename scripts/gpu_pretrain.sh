@@ -6,8 +6,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 - <<'PY'
 import os
-from ipa_lib.config import load_params
-from ipa_lib.pretraining import pretrain
+from ipa_lib.core.config import load_params
+from ipa_lib.stages.pretrain import pretrain
 p = load_params()
 print(pretrain(p, os.environ["OUT"] + "/base", progress=False))
 PY

@@ -193,8 +193,8 @@ def _env(repo: Path, jobs: int = 1) -> dict:
 def _prepare_tracking(common: list[str], repo: Path, env: dict) -> None:
     """Create the grid's MLflow experiment from the main repo, so its artifacts land in <repo>/.ipa."""
     sys.path.insert(0, str(REPO))
-    from ipa_lib.config import load_params
-    from ipa_lib.tracking import configure
+    from ipa_lib.core.config import load_params
+    from ipa_lib.mlops.tracking import configure
 
     params = load_params(repo / "params.yaml", common)
     if params.tracking.enabled:
@@ -335,11 +335,11 @@ def run_inline(specs: list[CellSpec], params_path: str | Path, common: list[str]
     import yaml
 
     sys.path.insert(0, str(REPO))
-    from ipa_lib.config import load_params
-    from ipa_lib.evaluation import evaluate
-    from ipa_lib.gating import gate
-    from ipa_lib.sampling import sample
-    from ipa_lib.training import train
+    from ipa_lib.core.config import load_params
+    from ipa_lib.stages.evaluate import evaluate
+    from ipa_lib.stages.gate import gate
+    from ipa_lib.stages.sample import sample
+    from ipa_lib.stages.train import train
 
     work = Path(work)
     gated: dict[str | None, Path] = {}

@@ -32,7 +32,7 @@ TINY = [
 
 
 def tiny_params(extra: list[str] | None = None, workdir: Path | None = None):
-    from ipa_lib.config import load_params
+    from ipa_lib.core.config import load_params
 
     params = load_params(REPO / "params.yaml", TINY + (extra or []))
     if workdir is not None:
@@ -45,7 +45,7 @@ def tiny_base(tmp_path_factory) -> Path:
     """A randomly initialised tiny toy animator saved like `ipa pretrain` saves one."""
     import torch
 
-    from ipa_lib.backends.toy import ToyBackend, build_transformer
+    from ipa_lib.models.toy import ToyBackend, build_transformer
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "base"

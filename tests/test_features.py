@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ipa_lib.features import (
+from ipa_lib.analysis.features import (
     FeatureExtractor,
     clip_frechet,
     feature_corpus,
@@ -76,7 +76,7 @@ def test_any_callable_is_an_extractor():
 
 
 def test_hand_view_is_centred_on_the_driving_palms():
-    from ipa_lib.toyworld import make_clip, palm_centre
+    from ipa_lib.data.toyworld import make_clip, palm_centre
 
     clip = make_clip(123, frames=5, size=32)
     view = hand_view(clip.video[None], clip.hand_keypoints[None])
@@ -111,7 +111,7 @@ def test_extractor_trains_deterministically_and_round_trips(tmp_path):
 
 
 def test_missing_extractor_is_a_clear_error(tmp_path):
-    from ipa_lib.features import load_extractors
+    from ipa_lib.analysis.features import load_extractors
 
     with pytest.raises(FileNotFoundError, match="no feature extractor"):
         load_extractors(tmp_path / "nope", 5, 16, train_if_missing=False)

@@ -11,9 +11,9 @@ from hands_fixtures import hand_model, photo, real_dir, zoom_pan_clip  # noqa: F
 
 
 def test_gate_scores_real_videos_with_mediapipe(tiny, hand_model):
-    from ipa_lib.gating import gate
-    from ipa_lib.sampling import sample
-    from ipa_lib.video import iter_frames, write_video
+    from ipa_lib.stages.gate import gate
+    from ipa_lib.stages.sample import sample
+    from ipa_lib.data.video import iter_frames, write_video
 
     params, work = tiny
     videos = work / "videos"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from hands_fixtures import detector, hand_model, no_hand_image, photo, real_dir, zoom_pan_clip  # noqa: F401
 
-from ipa_lib.hands import model_file
-from ipa_lib.hands.landmarker import Hand, next_timestamp_ms
-from ipa_lib.hands.layouts import LAYOUTS, to_mediapipe
-from ipa_lib.hands.masks import hands_to_keypoints
-from ipa_lib.hands.quality import COMPONENTS, DEFAULT_WEIGHTS, geometry_score, resolve_weights, score_hands
+from ipa_lib.data.hands import model_file
+from ipa_lib.data.hands.landmarker import Hand, next_timestamp_ms
+from ipa_lib.data.hands.layouts import LAYOUTS, to_mediapipe
+from ipa_lib.data.hands.masks import hands_to_keypoints
+from ipa_lib.data.hands.quality import COMPONENTS, DEFAULT_WEIGHTS, geometry_score, resolve_weights, score_hands
 
 # ---------------------------------------------------------------------------- model file
 
@@ -105,7 +105,7 @@ def test_timestamps_strictly_increase():
 
 
 def test_image_landmarker_is_recycled(hand_model):
-    from ipa_lib.hands.landmarker import HandDetector
+    from ipa_lib.data.hands.landmarker import HandDetector
 
     img = photo("536")
     with HandDetector(hand_model, recycle_every=1) as det:
@@ -224,7 +224,7 @@ def test_jitter_lowers_stability(fake_hand):
 
 
 def test_scorer_on_real_clip(hand_model, detector):
-    from ipa_lib.hands.quality import MediaPipeHandScorer
+    from ipa_lib.data.hands.quality import MediaPipeHandScorer
 
     clip = zoom_pan_clip(photo("428"), 5)
     # the "driving pose": hands as an IMAGE-mode detector sees each frame (independent of the scorer)
@@ -251,8 +251,8 @@ def test_scorer_on_real_clip(hand_model, detector):
 def test_detect_cli_json(tmp_path, capsys, hand_model):
     from PIL import Image
 
-    from ipa_lib.hands.detect_cli import detect_main
-    from ipa_lib.video import write_video
+    from ipa_lib.data.hands.detect_cli import detect_main
+    from ipa_lib.data.video import write_video
 
     china = tmp_path / "china.png"
     Image.fromarray(no_hand_image("china.jpg")).save(china)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipa_lib.cluster import image_problem
-from ipa_lib.config import Params, load_params
+from ipa_lib.orchestration.cluster import image_problem
+from ipa_lib.core.config import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hands_fixtures import detector, hand_model, photo, zoom_pan_clip  # noqa: F401
 
-from ipa_lib.hands.masks import detections_mask, hands_to_keypoints, keypoints_mask, pixel_mask_to_latent
+from ipa_lib.data.hands.masks import detections_mask, hands_to_keypoints, keypoints_mask, pixel_mask_to_latent
 
 # ---------------------------------------------------------------------------- latent grid
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ipa_lib.metrics import psnr, ssim
+from ipa_lib.core.image_metrics import psnr, ssim
 
 
 def test_psnr_is_computed_in_float():

@@ -1,11 +1,11 @@
-"""ipa_lib.objective against hand-written float64 loops, plus the properties the losses must keep."""
+"""ipa_lib.core.objective against hand-written float64 loops, plus the properties the losses must keep."""
 
 import math
 
 import pytest
 import torch
 
-from ipa_lib.objective import (
+from ipa_lib.core.objective import (
     dpo_loss,
     dpo_terms,
     ipa_loss,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipa_lib import kfp_cli
-from ipa_lib.config import load_params, parse_params
+from ipa_lib.orchestration import kfp as kfp_cli
+from ipa_lib.core.config import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "ipa_round.yaml"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipa_lib import kfp_cli
+from ipa_lib.orchestration import kfp as kfp_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "models" / "base"
@@ -47,11 +47,11 @@ def _small_params(tmp_path: Path) -> Path:
 
 def _reference(params_path: Path, out: Path) -> dict:
     """The DVC stages' functions, in this process."""
-    from ipa_lib.config import load_params
-    from ipa_lib.evaluation import evaluate
-    from ipa_lib.gating import gate
-    from ipa_lib.sampling import sample
-    from ipa_lib.training import train
+    from ipa_lib.core.config import load_params
+    from ipa_lib.stages.evaluate import evaluate
+    from ipa_lib.stages.gate import gate
+    from ipa_lib.stages.sample import sample
+    from ipa_lib.stages.train import train
 
     p = load_params(params_path)
     sample(p, out / "samples", str(BASE), progress=False)
@@ -112,7 +112,7 @@ def test_run_local_matches_the_library(tmp_path):
     assert set(stages) == {"sample", "gate", f"train@{BETA:g}", f"evaluate@{BETA:g}", "register"}, stages
     from mlflow.tracking import MlflowClient
 
-    from ipa_lib.tracking import default_tracking_uri
+    from ipa_lib.mlops.tracking import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(tmp_path))
     round_id = registration["lineage"]["round_run_id"]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ipa_lib import kfp_cli
+from ipa_lib.orchestration import kfp as kfp_cli
 from ipa_lib.cli import main as ipa
-from ipa_lib.config import load_params, parse_params
+from ipa_lib.core.config import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "kfp"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ipa_lib.cluster import CHECK_NAMES, preflight, preflight_main
-from ipa_lib.config import Params, parse_params
+from ipa_lib.orchestration.cluster import CHECK_NAMES, preflight, preflight_main
+from ipa_lib.core.config import Params, parse_params
 
 DATA = Path(__file__).parent / "data" / "k8s"
 NS = "/api/v1/namespaces/ipa-align"

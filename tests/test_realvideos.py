@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from hands_fixtures import encode, real_dir
 
-from ipa_lib.realvideos import index_videos
-from ipa_lib.video import write_video
+from ipa_lib.data.realvideos import index_videos
+from ipa_lib.data.video import write_video
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
@@ -74,7 +74,7 @@ def test_every_input_counted(folder, tmp_path):
 
 
 def test_manifest_check_names_the_bad_files(folder, tmp_path):
-    from ipa_lib.datacheck import validate_manifest
+    from ipa_lib.data.checks import validate_manifest
 
     rows, _ = index_videos(folder, tmp_path)
     df = pd.DataFrame(rows)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-import ipa_lib.registry as registry
-from ipa_lib.config import ModelConfig, Params, PromoteConfig, TrackingConfig
-from ipa_lib.registry import (
+import ipa_lib.mlops.registry as registry
+from ipa_lib.core.config import ModelConfig, Params, PromoteConfig, TrackingConfig
+from ipa_lib.mlops.registry import (
     LOCK_SUFFIX,
     MetricsError,
     RegistryError,
@@ -32,8 +32,8 @@ from ipa_lib.registry import (
     resolve_start,
     version_metrics,
 )
-from ipa_lib.registry_cli import promote_main, register_main
-from ipa_lib.tracking import TrackingUnavailable
+from ipa_lib.stages.registry_cmds import promote_main, register_main
+from ipa_lib.mlops.tracking import TrackingUnavailable
 
 CFG = PromoteConfig(primary_metric="hand_pass_rate", margin=0.02, tolerances={"psnr": 1.0, "ssim": 0.02})
 
@@ -392,12 +392,12 @@ def test_bad_input_gives_clear_errors_and_leaves_the_alias(monkeypatch, mlflow_s
 
 
 def test_champion_generates_a_clip_with_the_toy_animator(monkeypatch, mlflow_server, tmp_path):
-    """The pyfunc model around the real toy backend (skipped until ipa_lib.sampling exists)."""
+    """The pyfunc model around the real toy backend (skipped until ipa_lib.stages.sample exists)."""
     import mlflow
 
-    pytest.importorskip("ipa_lib.sampling")
-    from ipa_lib.backends.lora import lora_parameters
-    from ipa_lib.backends.toy import ToyBackend, build_transformer
+    pytest.importorskip("ipa_lib.stages.sample")
+    from ipa_lib.models.lora import lora_parameters
+    from ipa_lib.models.toy import ToyBackend, build_transformer
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = _params(mlflow_server.uri).model_copy(
@@ -424,7 +424,7 @@ def test_champion_generates_a_clip_with_the_toy_animator(monkeypatch, mlflow_ser
 
     # a second round: its adapter was trained over base + the champion's LoRA (merged), so the
     # registered v2 must carry that merged base, not the original one
-    from ipa_lib.backends import load_backend
+    from ipa_lib.stages.common import load_start_backend as load_backend
 
     round2 = params.model_copy(deep=True)
     round2.backend.init_adapter = f"models:/{params.tracking.registered_model}@champion"

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO, TINY, tiny_params
 
-from ipa_lib import report as R
+from ipa_lib.analysis import report as R
 
 sys.path.insert(0, str(REPO / "scripts"))
 import paper_grid  # noqa: E402
@@ -206,7 +206,7 @@ def _colour_stats(clips: np.ndarray) -> np.ndarray:
 
 
 def test_fd_columns_come_from_the_extractor(tmp_path):
-    from ipa_lib.features import frechet_distance, hand_view
+    from ipa_lib.analysis.features import frechet_distance, hand_view
 
     params = tiny_params([f"evaluate.num_poses={POSES}"]).model_dump(mode="json")
     ref = R.reference_set(params)
@@ -284,7 +284,7 @@ def _row_values(text: str, title: str) -> list[str]:
 
 
 def test_reduced_grid_report_from_its_own_numbers(tiny_base, tmp_path):
-    from ipa_lib.features import train_extractors
+    from ipa_lib.analysis.features import train_extractors
 
     common = paper_grid.budget_overrides(paper_grid.BUDGET, TINY + [f"backend.base_model={tiny_base}", "train.steps=3", "train.batch_size=4"])
     specs = paper_grid.plan(["ipa-hand", "sft"], [600.0], [0])
@@ -335,8 +335,8 @@ def test_grid_cells_run_as_dvc_experiments(tmp_path, monkeypatch):
     import shutil
     import subprocess
 
-    from ipa_lib.backends.toy import ToyBackend, build_transformer
-    from ipa_lib.config import apply_override
+    from ipa_lib.models.toy import ToyBackend, build_transformer
+    from ipa_lib.core.config import apply_override
 
     repo = tmp_path / "repo"
     repo.mkdir()

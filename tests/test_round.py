@@ -17,14 +17,14 @@ import torch
 
 from conftest import REPO, TINY
 
-from ipa_lib.config import ConfigError
+from ipa_lib.core.config import ConfigError
 
 
 @pytest.fixture()
 def gated(tiny):
     """Samples and a gated set produced by the real stages."""
-    from ipa_lib.gating import gate
-    from ipa_lib.sampling import sample
+    from ipa_lib.stages.gate import gate
+    from ipa_lib.stages.sample import sample
 
     params, work = tiny
     sample(params, work / "samples", progress=False)
@@ -56,8 +56,8 @@ def test_sample_and_gate_outputs(gated):
 
 
 def test_sampling_is_deterministic_and_batch_independent(tiny):
-    from ipa_lib.backends import load_backend
-    from ipa_lib.sampling import generate_clips, toy_conditions
+    from ipa_lib.models.factory import load_backend
+    from ipa_lib.stages.sample import generate_clips, toy_conditions
 
     params, _ = tiny
     backend = load_backend(params)
@@ -68,9 +68,9 @@ def test_sampling_is_deterministic_and_batch_independent(tiny):
 
 
 def test_gate_refuses_too_few_kept(tiny):
-    from ipa_lib.datacheck import DataCheckError
-    from ipa_lib.gating import gate
-    from ipa_lib.sampling import sample
+    from ipa_lib.data.checks import DataCheckError
+    from ipa_lib.stages.gate import gate
+    from ipa_lib.stages.sample import sample
 
     params, work = tiny
     sample(params, work / "samples", progress=False)
@@ -83,8 +83,8 @@ def test_gate_refuses_too_few_kept(tiny):
 
 
 def test_train_reference_frozen_and_policy_moves(gated):
-    from ipa_lib.backends import load_backend
-    from ipa_lib.training import train
+    from ipa_lib.models.factory import load_backend
+    from ipa_lib.stages.train import train
 
     params, work = gated
     base_before = {k: v.clone() for k, v in load_backend(params).transformer.state_dict().items()}
@@ -111,7 +111,7 @@ def test_train_reference_frozen_and_policy_moves(gated):
 
 @pytest.mark.parametrize("loss", ["sft", "dpo", "kto"])
 def test_baseline_losses_train(gated, loss):
-    from ipa_lib.training import train
+    from ipa_lib.stages.train import train
 
     params, work = gated
     params.train.loss = loss
@@ -128,7 +128,7 @@ def _ipa(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
 
 
 def _write_params(work: Path, base: str) -> Path:
-    from ipa_lib.config import apply_override
+    from ipa_lib.core.config import apply_override
 
     import yaml
 
@@ -168,7 +168,7 @@ def test_killed_and_resumed_training_matches_uninterrupted(gated):
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(gated):
-    from ipa_lib.training import TrainingDiverged, train
+    from ipa_lib.stages.train import TrainingDiverged, train
 
     params, work = gated
     params.train.steps = 40
@@ -185,7 +185,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(gated):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(gated):
-    from ipa_lib.training import train
+    from ipa_lib.stages.train import train
 
     params, work = gated
     train(params, work / "gated", work / "adapter", progress=False, stop_after=2)
@@ -196,8 +196,8 @@ def test_corrupt_checkpoint_is_a_clear_error(gated):
 
 
 def test_evaluate_writes_metrics_and_pictures(gated):
-    from ipa_lib.evaluation import METRICS, evaluate
-    from ipa_lib.training import train
+    from ipa_lib.stages.evaluate import METRICS, evaluate
+    from ipa_lib.stages.train import train
 
     params, work = gated
     train(params, work / "gated", work / "adapter", progress=False)
@@ -258,8 +258,8 @@ def test_params_validation():
 def test_second_round_starts_from_the_aligned_model(gated):
     """backend.init_adapter merges the previous round's adapter: the new reference is the
     aligned model, and a fresh adapter trains on top of it."""
-    from ipa_lib.backends import load_backend
-    from ipa_lib.training import train
+    from ipa_lib.models.factory import load_backend
+    from ipa_lib.stages.train import train
 
     params, work = gated
     train(params, work / "gated", work / "round1", progress=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ipa_lib.selection import (
+from ipa_lib.stages.select import (
     eval_metric_items,
     evaluation_html,
     select_best,

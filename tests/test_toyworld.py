@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ipa_lib.toy_quality import ToyHandScorer
-from ipa_lib.toyworld import CORRUPTIONS, make_clip, make_corpus, palm_centre, skeleton
+from ipa_lib.data.toy_quality import ToyHandScorer
+from ipa_lib.data.toyworld import CORRUPTIONS, make_clip, make_corpus, palm_centre, skeleton
 
 
 def test_clip_shapes_and_determinism():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ipa_lib.config import Params, TrackingConfig
-from ipa_lib.tracking import (
+from ipa_lib.core.config import Params, TrackingConfig
+from ipa_lib.mlops.tracking import (
     TrackingUnavailable,
     check_server,
     default_tracking_uri,
@@ -239,7 +239,7 @@ def test_failed_stage_marks_runs_failed_and_writes_no_lineage(monkeypatch, mlflo
 
 
 def test_round_run_for_single_process_drivers(monkeypatch, mlflow_server, repo):
-    from ipa_lib.tracking import round_run
+    from ipa_lib.mlops.tracking import round_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = _params(mlflow_server.uri)

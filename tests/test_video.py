@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from hands_fixtures import encode, real_dir
 
-from ipa_lib import video
-from ipa_lib.video import VideoError, iter_frames, probe, read_video, write_video
+from ipa_lib.data import video
+from ipa_lib.data.video import VideoError, iter_frames, probe, read_video, write_video
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

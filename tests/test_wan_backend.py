@@ -12,12 +12,12 @@ import json
 import pytest
 import torch
 
-from ipa_lib.backends import lora as lora_lib
-from ipa_lib.backends.base import AnimationBackend
-from ipa_lib.backends.wan_animate import WanAnimateBackend, check_frames
-from ipa_lib.backends.wan_tiny import TINY_TEXT_LEN, save_tiny_pipeline, tiny_batch
-from ipa_lib.config import BackendConfig, TrainConfig
-from ipa_lib.training import compute_loss
+from ipa_lib.models import lora as lora_lib
+from ipa_lib.models.base import AnimationBackend
+from ipa_lib.models.wan_animate import WanAnimateBackend, check_frames
+from ipa_lib.models.wan_tiny import TINY_TEXT_LEN, save_tiny_pipeline, tiny_batch
+from ipa_lib.core.config import BackendConfig, TrainConfig
+from ipa_lib.stages.train import compute_loss
 
 TARGETS = TrainConfig().lora_targets
 
@@ -278,7 +278,7 @@ def test_all_default_targets_match(backend):
 
 
 def test_smoke_main_wan_animate(capsys):
-    from ipa_lib.smoke import smoke_main
+    from ipa_lib.stages.smoke import smoke_main
 
     assert smoke_main("wan-animate") == 0
     out = capsys.readouterr().out

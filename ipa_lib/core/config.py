@@ -1,0 +1,270 @@
+"""Typed configuration: one `params.yaml`, one section per stage.
+
+Every driver (CLI, DVC stage, KFP component, tests) loads the same file through
+`load_params`, so a run means the same thing everywhere. Unknown keys and wrong types
+are errors that name the file and the dotted key (pydantic `extra="forbid"`).
+"""
+
+from __future__ import annotations
+
+from ipa_lib.core.errors import InputError
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(InputError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ToyConfig(Section):
+    """The embedded toy world (procedural upper-body figures with five-fingered hands)."""
+
+    frames: int = 5  # 4k+1 like Wan; frame 0 is the reference pose
+    size: int = 32  # square clips, pixels
+    corrupt_fraction: float = Field(0.45, ge=0.0, le=1.0)  # pretraining clips with broken hands
+    motion: float = Field(1.0, ge=0.0)  # how far the arms move across a clip
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_4k1(cls, v: int) -> int:
+        if v < 1 or (v - 1) % 4:
+            raise ValueError(f"must be 4k+1 (1, 5, 9, ...), got {v}")
+        return v
+
+
+class ModelConfig(Section):
+    """Size of the toy animator, a diffusers `WanTransformer3DModel`."""
+
+    num_layers: int = 6
+    num_attention_heads: int = 6
+    attention_head_dim: int = 16
+    ffn_dim: int = 384
+    text_dim: int = 16
+    freq_dim: int = 64
+    patch_size: tuple[int, int, int] = (1, 4, 4)
+
+
+class BackendConfig(Section):
+    name: Literal["toy", "wan-animate"] = "toy"
+    # toy: folder written by `ipa pretrain`; wan-animate: local diffusers folder or hub id
+    base_model: str = "models/base"
+    # an MLflow model URI (models:/ipa-animator@champion) or adapter folder to start from
+    init_adapter: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    height: int = 480  # wan-animate only
+    width: int = 832  # wan-animate only
+    num_frames: int = 81  # wan-animate only, 4k+1
+    guidance_scale: float = 1.0  # wan-animate only
+    prompt: str = ""  # wan-animate only: text prompt, encoded once (umT5) for training and sampling
+
+
+class PretrainConfig(Section):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    corpus_size: int = Field(4096, ge=1)
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+    out: str = "models/base"
+
+
+class SampleConfig(Section):
+    num_clips: int = Field(256, ge=1)
+    per_pose: int = Field(2, ge=1)  # samples (seeds) per driving pose: DPO pairs need >= 2
+    num_inference_steps: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 1000
+    # None = toy driving poses; a folder of videos = gate real clips (see gate.scorer)
+    videos_dir: str | None = None
+    out: str = "data/samples"
+
+
+class GateConfig(Section):
+    scorer: Literal["toy", "mediapipe"] = "toy"
+    threshold: float = Field(0.75, ge=0.0, le=1.0)
+    top_k: int = Field(96, ge=1)
+    min_kept: int = Field(16, ge=1)
+    hand_landmarker: str | None = None  # path to hand_landmarker.task (mediapipe scorer)
+    out: str = "data/gated"
+
+
+class TrainConfig(Section):
+    loss: Literal["ipa", "sft", "dpo", "kto"] = "ipa"
+    beta: float = Field(600.0, gt=0)
+    hand_weight: float = Field(10.0, ge=1.0)  # lambda_hand; 1.0 = the global variant
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    # a loss above spike_factor x its running median stops training (last good checkpoint kept)
+    spike_factor: float = Field(50.0, gt=1)
+    out: str = "models/adapter"
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one module")
+        return v
+
+
+class EvaluateConfig(Section):
+    num_poses: int = Field(48, ge=1)
+    seeds: list[int] = [0, 1, 2]
+    num_inference_steps: int = Field(20, ge=1)
+    pose_seed: int = 99_000  # held-out poses: a seed range never used by sample/pretrain
+    out: str = "eval"
+    metrics: str = "metrics/eval.json"
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    # None: local SQLite store under .ipa/ (env MLFLOW_TRACKING_URI wins)
+    uri: str | None = None
+    experiment: str = "ipa-align"
+    registered_model: str = "ipa-animator"
+    alias: str = "champion"
+    max_retries: int = Field(3, ge=0)  # tries after the first, for an unreachable server
+    request_timeout_s: int = Field(10, ge=1)  # per HTTP request to a tracking server
+    register_out: str = "models/registered.json"  # `ipa register` record: name, version, run
+
+
+class PromoteConfig(Section):
+    primary_metric: str = "hand_pass_rate"
+    margin: float = Field(0.02, ge=0.0)  # candidate must beat champion by this much
+    # allowed regressions of global metrics (absolute)
+    tolerances: dict[str, float] = {"psnr": 1.0, "ssim": 0.02}
+    out: str = "metrics/promotion.json"  # the decision `ipa promote` made (DVC output)
+    lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion
+    lock_stale_s: float = Field(600.0, gt=0)  # a lock older than this was left by a crash
+
+
+class PipelineConfig(Section):
+    image: str = "ghcr.io/ipa-align/ipa-runtime:0.1.0"
+    gpu_image: str = "ghcr.io/ipa-align/ipa-runtime:0.1.0-cuda12.8"
+    betas: list[float] = [200.0, 600.0, 2000.0]
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_limit: int = Field(1, ge=1)
+    node_selector: dict[str, str] = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    gpu_toleration_key: str = "nvidia.com/gpu"
+    namespace: str = "ipa-align"  # where pipeline pods run (k8s/ kustomize namespace)
+    mlflow_service: str = "mlflow"  # in-cluster MLflow tracking Service (k8s/base)
+    pvc_name: str = "ipa-workspace"
+    mount_path: str = "/workspace"
+    mlflow_secret: str = "ipa-mlflow"
+    cpu_request: str = "4"
+    cpu_limit: str = "8"
+    memory_request: str = "32Gi"
+    memory_limit: str = "64Gi"
+    train_retries: int = Field(2, ge=0)
+    shm_size_limit: str = "16Gi"  # in-memory emptyDir at /dev/shm of training pods (counts as memory)
+    service_account: str = "ipa-pipeline"  # runs are submitted with it (k8s/base/serviceaccounts.yaml)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(b <= 0 for b in v):
+            raise ValueError(f"must be a non-empty list of positive numbers, got {v}")
+        if len(set(v)) != len(v):  # one training run per beta: select-best pairs runs by beta
+            raise ValueError(f"must not repeat a value, got {v}")
+        return v
+
+
+class Params(Section):
+    toy: ToyConfig = ToyConfig()
+    model: ModelConfig = ModelConfig()
+    backend: BackendConfig = BackendConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sample: SampleConfig = SampleConfig()
+    gate: GateConfig = GateConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.gate.min_kept > self.gate.top_k:
+            raise ValueError(f"gate.min_kept ({self.gate.min_kept}) > gate.top_k ({self.gate.top_k})")
+        return self
+
+
+def _format_errors(path: str, err: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict, source: str = "<params>") -> Params:
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read and validate `params.yaml`; `overrides` are `dotted.key=value` strings (YAML values)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return parse_params(data, str(path))
+
+
+def apply_override(data: dict, item: str, source: str = "<override>") -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 600, true, [1,2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"{source}: override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """Dotted keys -> values, for MLflow params and KFP pipeline parameters."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, obj: object) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = obj
+
+    walk("", params.model_dump(mode="json"))
+    return out
