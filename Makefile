@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
-	$(BIN)/python -m ipa_lib.data.hands.model_file fetch
+	$(BIN)/ipa hands model fetch
 	touch $@
 
 ## one alignment round on the embedded toy world: sample -> gate -> train -> evaluate -> register -> promote
@@ -54,3 +54,9 @@ paper-table: setup
 paper-table-round2: setup
 	$(BIN)/python scripts/paper_grid.py run --round 2 --methods ipa-hand sft --betas 600
 	$(BIN)/ipa report
+
+## the runtime image (components/Dockerfile) with buildah and a local Debian base, no Docker needed:
+## docs/containers.md (IMAGE=localhost/ipa-runtime:0.1.0; needs buildah podman runc mmdebstrap)
+.PHONY: image
+image:
+	bash scripts/build_image.sh

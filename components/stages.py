@@ -60,7 +60,10 @@ def train(params_json: str, beta: float, base_model: str, gated: Input[Dataset],
 
     params = parse_params(json.loads(params_json), "params_json")
     params.train.beta = beta  # validated on assignment (> 0)
-    summary = tracked_stage(params, "train", lambda p: run(p, gated.path, adapter.path, base_model, progress=False),
+    summary = tracked_stage(params, "train", lambda p: run(p, gated.path, adapter.path, base_model, progress=False,
+                                                          # the metrics/train*.json of a DVC run, inside the artifact
+                                                          metrics_path=f"{adapter.path}/train_metrics.json",
+                                                          curve_path=f"{adapter.path}/train_curve.json"),
                             inputs=[(gated.path, "gated-samples")], output=adapter.path, dvc_stage=f"train@{beta:g}")
     for k, v in summary["final"].items():
         metrics.log_metric(f"train/{k}", v)

@@ -355,15 +355,15 @@ def run_inline(specs: list[CellSpec], params_path: str | Path, common: list[str]
             print(f"sample+gate ({tag}): {time.time() - t0:.1f} s", flush=True)
         cell_dir = work / spec.name
         t0 = time.time()
-        summary = train(params, gated[spec.init_adapter], cell_dir / "adapter", progress=progress)
+        train(params, gated[spec.init_adapter], cell_dir / "adapter", progress=progress,
+              metrics_path=cell_dir / "train.json", curve_path=cell_dir / "train_curve.json")
         t1 = time.time()
         evaluate(params, cell_dir / "adapter", cell_dir / "eval", cell_dir / "eval.json", progress=progress)
         t2 = time.time()
         files = {dst: (cell_dir / "eval" / Path(src).name).read_bytes() for src, dst in CELL_FILES.items()
                  if src.startswith("eval/") and (cell_dir / "eval" / Path(src).name).exists()}
         files["eval.json"] = (cell_dir / "eval.json").read_bytes()
-        train_json = {k: v for k, v in summary.items() if k not in ("log", "final")} | {f"final_{k}": v for k, v in summary["final"].items()}
-        files["train.json"] = json.dumps(train_json).encode()
+        files["train.json"] = (cell_dir / "train.json").read_bytes()  # written by the train stage
         files["params.yaml"] = yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False).encode()
         folder = write_cell(cells_root, spec, files, {"train": round(t1 - t0, 1), "evaluate": round(t2 - t1, 1), "total": round(t2 - t0, 1)}, "inline")
         for f in (cell_dir / "adapter").iterdir():

@@ -20,36 +20,55 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("hand_quality", "hand_pass_rate", "psnr", "ssim", "hand_psnr")
+from ipa_lib.analysis.render import table_digits
+from ipa_lib.core.config import load_params
+from ipa_lib.core.errors import InputError, exit_code
+from ipa_lib.core.metrics import EVAL_METRICS, get
+
+HEADLINE = ("hand_pass_rate", "psnr")  # the per-round columns
 
 
-def run_round(seed: int) -> tuple[dict, float]:
+def run_round(seed: int, details_path: Path) -> tuple[dict, dict, float]:
+    """One `dvc exp run`; its metrics/eval.json, its evaluation protocol (from eval/details.json) and the seconds."""
     started = time.time()
     cmd = ["dvc", "exp", "run", "-S", f"sample.seed={1000 + 1000 * seed}", "-S", f"train.seed={seed}"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    return json.loads(Path("metrics/eval.json").read_text()), time.time() - started
+    details = json.loads(details_path.read_text())
+    try:
+        protocol = {"num_poses": int(details["num_poses"]), "seeds": [int(x) for x in details["seeds"]]}
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{details_path}: no num_poses / seeds ({err!r})") from None
+    return json.loads(Path("metrics/eval.json").read_text()), protocol, time.time() - started
 
 
-def table(results: dict[int, dict]) -> str:
+def table(results: dict[int, dict], protocols: dict[int, dict]) -> str:
+    """The seeds table: mean +- std over rounds per metric (registry order and labels), then the headline metrics per round."""
     seeds = sorted(results)
+    distinct = {json.dumps(protocols[s], sort_keys=True) for s in seeds}
+    if len(distinct) != 1:
+        raise InputError(f"rounds evaluated on different protocols (evaluate.num_poses / seeds), not comparable: {protocols}")
+    proto = protocols[seeds[0]]
     lines = [
         f"Rounds with seeds {seeds} (mean ± std over rounds; each round's numbers are means over "
-        "48 held-out poses x 3 evaluation seeds).",
+        f"{proto['num_poses']} held-out poses x {len(proto['seeds'])} evaluation seeds).",
         "",
         "| metric | base | IPA | IPA - base |",
         "|---|---|---|---|",
     ]
-    for m in METRICS:
+    for m in EVAL_METRICS:
+        k = table_digits(m)
         b = np.array([results[s]["base"][m] for s in seeds])
         a = np.array([results[s]["ipa"][m] for s in seeds])
         d = a - b
-        lines.append(f"| {m} | {b.mean():.3f} ± {b.std():.3f} | {a.mean():.3f} ± {a.std():.3f} | {d.mean():+.3f} ± {d.std():.3f} |")
-    lines += ["", "Per round:", "", "| seed | " + " | ".join(f"base {m} | IPA {m}" for m in ("hand_pass_rate", "psnr")) + " |",
-              "|---|" + "---|" * 4]
+        lines.append(f"| {get(m).label} | {b.mean():.{k}f} ± {b.std():.{k}f} | {a.mean():.{k}f} ± {a.std():.{k}f} | "
+                     f"{d.mean():+.{k}f} ± {d.std():.{k}f} |")
+    lines += ["", "Per round:", "", "| seed | " + " | ".join(f"base {get(m).label} | IPA {get(m).label}" for m in HEADLINE) + " |",
+              "|---|" + "---|" * (2 * len(HEADLINE))]
     for s in seeds:
         r = results[s]
-        lines.append(f"| {s} | {r['base']['hand_pass_rate']:.3f} | {r['ipa']['hand_pass_rate']:.3f} | {r['base']['psnr']:.2f} | {r['ipa']['psnr']:.2f} |")
+        vals = [f"{r[model][m]:.{table_digits(m)}f}" for m in HEADLINE for model in ("base", "ipa")]
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -57,21 +76,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="docs/seeds.md")
+    parser.add_argument("--params", default="params.yaml", help="where evaluate writes details.json (evaluate.out)")
     args = parser.parse_args()
+    details_path = Path(load_params(args.params).evaluate.out) / "details.json"
     order = sorted(args.seeds, key=lambda s: (s == 0, s))  # default round last
-    results, seconds = {}, {}
+    results, protocols, seconds = {}, {}, {}
     for s in order:
-        results[s], seconds[s] = run_round(s)
-        print(json.dumps({"seed": s, "seconds": round(seconds[s]), **results[s]}), flush=True)
-    text = table(results)
+        results[s], protocols[s], seconds[s] = run_round(s, details_path)
+        print(json.dumps({"seed": s, "seconds": round(seconds[s]), "evaluation": protocols[s], **results[s]}), flush=True)
+    text = table(results, protocols)
     text += "\nWall time per round (s, this machine): " + ", ".join(f"seed {s}: {seconds[s]:.0f}" for s in sorted(seconds)) + "\n"
     text += "\nReproduce: `make seeds` (runs `python scripts/seeds_table.py --seeds " + " ".join(map(str, args.seeds)) + "`).\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("# Seeds table\n\n" + text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"results": results, "seconds": seconds}, indent=2))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"results": results, "evaluation": protocols, "seconds": seconds}, indent=2))
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except (Exception, KeyboardInterrupt) as err:  # the same policy as `ipa` (ipa_lib.core.errors)
+        code = exit_code(err)
+        if code is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+    sys.exit(code)

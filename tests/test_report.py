@@ -18,7 +18,13 @@ import yaml
 
 from conftest import REPO, TINY, tiny_params
 
-from ipa_lib.analysis import report as R
+from ipa_lib.analysis.cells import CLIP_METRICS, load_cells, method_name
+from ipa_lib.analysis.claims import Config, compare, evaluate_claims, verdict
+from ipa_lib.analysis.clip_metrics import reference_set
+from ipa_lib.analysis.render import table_digits
+from ipa_lib.analysis.report import build_report
+from ipa_lib.analysis.stats import Stat, aggregate, bootstrap_interval, find_row, shared_base, t_interval
+from ipa_lib.cli.report import add_arguments, report_main
 
 sys.path.insert(0, str(REPO / "scripts"))
 import paper_grid  # noqa: E402
@@ -39,7 +45,7 @@ def write_fake_cell(root: Path, method: str, beta: float | None, seed: int, effe
     for model in ("base", "ipa"):
         for i in range(POSES):
             row = {"model": model, "seed": 0, "pose": 99_000 + i}
-            for m in R.CLIP_METRICS:
+            for m in CLIP_METRICS:
                 row[m] = _base_value(m, i) + start + (effect.get(m, 0.0) if model == "ipa" else 0.0)
             rows.append(row)
     files = {"per_clip.json": json.dumps(rows).encode(), "params.yaml": yaml.safe_dump(params or {}).encode()}
@@ -55,32 +61,32 @@ def write_fake_cell(root: Path, method: str, beta: float | None, seed: int, effe
 # ---- intervals and verdicts ----------------------------------------------------------------------
 
 def test_t_interval_by_hand():
-    s = R.t_interval([1.0, 2.0, 3.0], 0.95)
+    s = t_interval([1.0, 2.0, 3.0], 0.95)
     # mean 2, sd 1, t(0.975, 2) = 4.302652729911275
     assert s.mean == 2.0 and s.half_width == pytest.approx(4.302652729911275 / math.sqrt(3))
-    single = R.t_interval([5.0])
+    single = t_interval([5.0])
     assert single.mean == 5.0 and math.isnan(single.lo)
 
 
 def test_bootstrap_is_seeded():
     x = np.arange(20.0)
-    a = R.bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=3)
-    b = R.bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=3)
+    a = bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=3)
+    b = bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=3)
     assert a == b and a[0] < x.mean() < a[1]
 
 
 def test_verdicts():
-    assert R.verdict(R.Stat(1.0, 0.5, 1.5, 3, "")) == "held"
-    assert R.verdict(R.Stat(-1.0, -1.5, -0.5, 3, "")) == "contradicted"
-    assert R.verdict(R.Stat(0.1, -0.5, 0.7, 3, "")) == "inconclusive"
-    assert R.verdict(R.Stat(-1.0, -1.5, -0.5, 3, ""), higher_is_better=False) == "held"  # FD: lower is better
-    assert R.verdict(None) == "not run"
+    assert verdict(Stat(1.0, 0.5, 1.5, 3, "")) == "held"
+    assert verdict(Stat(-1.0, -1.5, -0.5, 3, "")) == "contradicted"
+    assert verdict(Stat(0.1, -0.5, 0.7, 3, "")) == "inconclusive"
+    assert verdict(Stat(-1.0, -1.5, -0.5, 3, ""), higher_is_better=False) == "held"  # FD: lower is better
+    assert verdict(None) == "not run"
 
 
 def test_method_names():
-    assert R.method_name("ipa", 10) == "ipa-hand" and R.method_name("ipa", 1) == "ipa-global"
+    assert method_name("ipa", 10) == "ipa-hand" and method_name("ipa", 1) == "ipa-global"
     with pytest.raises(ValueError, match="unknown loss"):
-        R.method_name("ppo", 1)
+        method_name("ppo", 1)
 
 
 # ---- the table and the claims from synthetic cells ------------------------------------------------
@@ -100,35 +106,35 @@ def synthetic(tmp_path):
 
 
 def test_table_is_the_mean_over_seeds_with_a_t_interval(synthetic):
-    cells = R.load_cells(synthetic)
-    rows = R.aggregate(cells, n_boot=200)
-    row = R.find_row(rows, 1, "ipa-hand", 600.0)
+    cells = load_cells(synthetic)
+    rows = aggregate(cells, n_boot=200)
+    row = find_row(rows, 1, "ipa-hand", 600.0)
     per_seed = [np.mean([_base_value("hand_quality", i) + 0.2 + e for i in range(POSES)]) for e in (0.01, -0.01, 0.0)]
-    expected = R.t_interval(per_seed)
+    expected = t_interval(per_seed)
     assert row.stats["hand_quality"].mean == pytest.approx(np.mean(per_seed))
     assert row.stats["hand_quality"].half_width == pytest.approx(expected.half_width)
     assert row.seeds == [0, 1, 2] and row.seconds == pytest.approx(11.0)
-    base = R.find_row(rows, 1, "base")
+    base = find_row(rows, 1, "base")
     assert base.stats["hand_quality"].mean == pytest.approx(np.mean([_base_value("hand_quality", i) for i in range(POSES)]))
     assert "bootstrap" in base.stats["hand_quality"].how
-    assert R.find_row(rows, 1, "sft").beta is None
+    assert find_row(rows, 1, "sft").beta is None
 
 
 def test_claims_follow_the_paired_differences(synthetic):
-    cells = R.load_cells(synthetic)
-    rows = R.aggregate(cells, n_boot=200)
-    claims = R.evaluate_claims(cells, rows, n_boot=200)
+    cells = load_cells(synthetic)
+    rows = aggregate(cells, n_boot=200)
+    claims = evaluate_claims(cells, rows, n_boot=200)
 
-    def verdict(start: str) -> str:
+    def verdict_of(start: str) -> str:
         return next(c.verdict for c in claims if c.text.startswith(start))
 
-    assert verdict("Hand-weighted IPA (λ=10, β=600) improves hands without hurting the whole video") == "held"
-    assert verdict("β=600 beats β=200") == "held"
-    assert verdict("β=600 beats β=2000") == "held"
-    assert verdict("Hand-local weighting beats global weighting") == "inconclusive"
-    assert verdict("IPA beats SFT on the same gated samples") == "inconclusive"
-    assert verdict("IPA beats Diffusion-DPO at equal steps") == "not run"
-    d = R.compare(cells, 1, R.Config("ipa-hand", 600.0), R.Config("ipa-hand", 200.0), "hand_quality")
+    assert verdict_of("Hand-weighted IPA (λ=10, β=600) improves hands without hurting the whole video") == "held"
+    assert verdict_of("β=600 beats β=200") == "held"
+    assert verdict_of("β=600 beats β=2000") == "held"
+    assert verdict_of("Hand-local weighting beats global weighting") == "inconclusive"
+    assert verdict_of("IPA beats SFT on the same gated samples") == "inconclusive"
+    assert verdict_of("IPA beats Diffusion-DPO at equal steps") == "not run"
+    d = compare(cells, 1, Config("ipa-hand", 600.0), Config("ipa-hand", 200.0), "hand_quality")
     assert d.mean == pytest.approx(0.15) and d.n == 3
 
 
@@ -136,8 +142,8 @@ def test_a_large_psnr_drop_contradicts_no_harm(tmp_path):
     root = tmp_path / "cells"
     for s in range(3):
         write_fake_cell(root, "ipa-hand", 600.0, s, {"hand_quality": 0.2, "psnr": -3.0 - 0.1 * s})
-    cells = R.load_cells(root)
-    claims = R.evaluate_claims(cells, R.aggregate(cells, n_boot=100), n_boot=100, tolerances={"psnr": 1.0})
+    cells = load_cells(root)
+    claims = evaluate_claims(cells, aggregate(cells, n_boot=100), n_boot=100, tolerances={"psnr": 1.0})
     first = claims[0]
     assert first.verdict == "contradicted" and "harmed beyond tolerance" in first.evidence and "Δpsnr = -3.100" in first.evidence
 
@@ -150,45 +156,70 @@ def test_round_two_pairs_each_cell_with_its_start_model(tmp_path):
         # round 2: IPA starts 0.2 higher (its round-1 model) and gains 0.05; SFT starts 0.1 higher, gains 0.01
         write_fake_cell(root, "ipa-hand", 600.0, s, {"hand_quality": 0.05 + 0.01 * s}, rnd=2, start=0.2)
         write_fake_cell(root, "sft", None, s, {"hand_quality": 0.01 + 0.01 * s}, rnd=2, start=0.1)
-    cells = R.load_cells(root)
-    assert R.shared_base([c for c in cells if c.round == 1]) and not R.shared_base([c for c in cells if c.round == 2])
-    rows = R.aggregate(cells, n_boot=100)
+    cells = load_cells(root)
+    assert shared_base([c for c in cells if c.round == 1]) and not shared_base([c for c in cells if c.round == 2])
+    rows = aggregate(cells, n_boot=100)
     starts = [r for r in rows if r.round == 2 and r.start_of is not None]
     assert [r.start_of for r in starts] == [("sft", None), ("ipa-hand", 600.0)]
     base_mean = np.mean([_base_value("hand_quality", i) for i in range(POSES)])
     assert starts[1].stats["hand_quality"].mean == pytest.approx(base_mean + 0.2)
-    gain = R.compare(cells, 2, R.Config("ipa-hand", 600.0), R.Config("base"), "hand_quality")
+    gain = compare(cells, 2, Config("ipa-hand", 600.0), Config("base"), "hand_quality")
     assert gain.mean == pytest.approx(0.06)  # against its own start, not the pretrained base
-    claims = R.evaluate_claims(cells, rows, n_boot=100)
+    claims = evaluate_claims(cells, rows, n_boot=100)
     first2 = next(c for c in claims if c.round == 2)
     assert "vs its start (the round-1 model)" in first2.evidence
     out = tmp_path / "results.md"
-    R.build_report(cells, out, tmp_path / "results", extractors=None, n_boot=100)
+    build_report(cells, out, tmp_path / "results", extractors=None, n_boot=100)
     text = out.read_text()
     assert "## Round 2" in text and "| start: round-1 IPA hand (λ=10) β=600 |" in text
     assert (tmp_path / "results" / "beta_hand_quality_round2.png").exists()
+
+
+def test_claims_are_data_with_their_differences(synthetic, tmp_path):
+    """Each claim keeps a stable key and the paired differences it was judged on; cells.json carries them."""
+    cells = load_cells(synthetic)
+    rows = aggregate(cells, n_boot=200)
+    claims = {c.key: c for c in evaluate_claims(cells, rows, n_boot=200)}
+    assert list(claims) == ["no_harm", "beta_vs_200", "beta_vs_2000", "hand_vs_global", "vs_sft", "vs_dpo", "vs_kto"]
+    d = compare(cells, 1, Config("ipa-hand", 600.0), Config("ipa-hand", 200.0), "hand_quality", n_boot=200)
+    assert claims["beta_vs_200"].diffs["hand_quality"] == d and d.mean == pytest.approx(0.15)
+    assert claims["no_harm"].diffs["psnr"].mean == pytest.approx(-0.1)  # the whole-video side of the claim
+    assert claims["vs_dpo"].verdict == "not run" and claims["vs_dpo"].diffs == {"hand_quality": None}
+    build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=None, n_boot=200)
+    saved = {c["key"]: c for c in json.loads((tmp_path / "results" / "cells.json").read_text())["claims"]}
+    assert saved["beta_vs_200"]["diffs"]["hand_quality"]["mean"] == pytest.approx(d.mean)
+    assert saved["beta_vs_200"]["diffs"]["hand_quality"]["lo"] == pytest.approx(d.lo) and saved["vs_dpo"]["diffs"]["hand_quality"] is None
+
+
+def test_ipa_report_names_a_bad_extractor_and_exits_2(synthetic, tmp_path, capsys):
+    from ipa_lib.cli import main
+
+    code = main(["report", "--cells", str(synthetic), "--out", str(tmp_path / "r.md"), "--extractor", "no_such_module:fn",
+                 "--params", str(REPO / "params.yaml"), "--quiet"])
+    assert code == 2 and "--extractor 'no_such_module:fn': cannot import it" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
 
 
 def test_single_seed_comparisons_pair_the_clips(tmp_path):
     root = tmp_path / "cells"
     write_fake_cell(root, "ipa-hand", 600.0, 0, {"hand_quality": 0.1})
     write_fake_cell(root, "sft", None, 0, {"hand_quality": 0.04})
-    cells = R.load_cells(root)
-    d = R.compare(cells, 1, R.Config("ipa-hand", 600.0), R.Config("sft"), "hand_quality", n_boot=200)
+    cells = load_cells(root)
+    d = compare(cells, 1, Config("ipa-hand", 600.0), Config("sft"), "hand_quality", n_boot=200)
     assert d.mean == pytest.approx(0.06) and d.lo == pytest.approx(0.06) and d.hi == pytest.approx(0.06)
     assert "paired bootstrap" in d.how
 
 
 def test_markdown_shows_the_computed_numbers(synthetic, tmp_path):
-    cells = R.load_cells(synthetic)
+    cells = load_cells(synthetic)
     out = tmp_path / "docs" / "results.md"
-    result = R.build_report(cells, out, tmp_path / "docs" / "results", extractors=None, n_boot=200)
+    result = build_report(cells, out, tmp_path / "docs" / "results", extractors=None, n_boot=200)
     text = out.read_text()
-    row = R.find_row(result["rows"], 1, "ipa-hand", 600.0)
+    row = find_row(result["rows"], 1, "ipa-hand", 600.0)
     s = row.stats["hand_quality"]
     assert f"| IPA hand (λ=10) | 600 | 10 | 3 | {s.mean:.3f} ± {s.half_width:.3f} |" in text
     assert "**held**" in text and "**inconclusive**" in text
-    for m in R.CLIP_METRICS:
+    for m in CLIP_METRICS:
         assert (tmp_path / "docs" / "results" / f"beta_{m}.png").stat().st_size > 0
         assert f"](results/beta_{m}.png)" in text
     saved = json.loads((tmp_path / "docs" / "results" / "cells.json").read_text())
@@ -209,15 +240,15 @@ def test_fd_columns_come_from_the_extractor(tmp_path):
     from ipa_lib.analysis.features import frechet_distance, hand_view
 
     params = tiny_params([f"evaluate.num_poses={POSES}"]).model_dump(mode="json")
-    ref = R.reference_set(params)
+    ref = reference_set(params)
     target = ref["target"]
     noisy = np.clip(target.astype(int) + np.random.default_rng(0).integers(-60, 60, target.shape), 0, 255).astype(np.uint8)
     clips = {"base": noisy[None], "ipa": target[None], "seeds": np.array([0])}
     root = tmp_path / "cells"
     write_fake_cell(root, "ipa-hand", 600.0, 0, {"hand_quality": 0.1}, params=params, clips=clips)
-    cells = R.load_cells(root)
+    cells = load_cells(root)
     extractors = {"fd": _colour_stats, "hand_fd": _colour_stats}
-    result = R.build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=extractors, n_boot=100)
+    result = build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=extractors, n_boot=100)
     fd_base = frechet_distance(_colour_stats(noisy), _colour_stats(target))
     hand_base = frechet_distance(_colour_stats(hand_view(noisy, ref["hand_keypoints"])), _colour_stats(hand_view(target, ref["hand_keypoints"])))
     assert cells[0].set_metrics["base"]["fd"] == pytest.approx(fd_base)
@@ -225,17 +256,17 @@ def test_fd_columns_come_from_the_extractor(tmp_path):
     assert cells[0].set_metrics["ipa"]["fd"] == pytest.approx(0.0, abs=1e-9)  # the ground truth itself
     text = (tmp_path / "results.md").read_text()
     assert f"{fd_base:.3f} ± " in text  # base row, bootstrap interval
-    row = R.find_row(result["rows"], 1, "ipa-hand", 600.0)
+    row = find_row(result["rows"], 1, "ipa-hand", 600.0)
     assert {"fd", "hand_fd", "score_gaps", "hand_sharpness"} <= set(row.stats)
     assert row.stats["hand_sharpness"].mean == pytest.approx(1.0)  # ground truth is as sharp as itself
     assert (tmp_path / "results" / "clips.png").stat().st_size > 0 and "](results/clips.png)" in text
     assert (tmp_path / "results" / "beta_fd.png").exists()
 
     # the same through `ipa report --extractor module:callable` (any extractor plugs in)
-    args = R.add_arguments(argparse.ArgumentParser()).parse_args(
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
         ["--cells", str(root), "--out", str(tmp_path / "cli.md"), "--extractor", "test_report:_colour_stats",
          "--params", str(REPO / "params.yaml"), "--bootstrap", "100", "--quiet"])
-    assert R.report_main(args) == 0
+    assert report_main(args) == 0
     saved = json.loads((tmp_path / "cli" / "cells.json").read_text())
     assert saved["cells"][0]["set_metrics"]["base"]["fd"] == pytest.approx(fd_base)
 
@@ -273,7 +304,7 @@ def test_dpo_cells_get_equal_compute_per_step():
 # ---- the reduced grid end to end --------------------------------------------------------------------------
 
 def _report_args(cells: Path, out: Path, features: Path) -> argparse.Namespace:
-    return R.add_arguments(argparse.ArgumentParser()).parse_args(
+    return add_arguments(argparse.ArgumentParser()).parse_args(
         ["--cells", str(cells), "--out", str(out), "--features", str(features), "--params", str(REPO / "params.yaml"),
          "--bootstrap", "100", "--quiet"])
 
@@ -293,26 +324,27 @@ def test_reduced_grid_report_from_its_own_numbers(tiny_base, tmp_path):
     train_extractors(tmp_path / "features", frames=5, size=16, corpus_size=16, steps=3)
 
     out = tmp_path / "docs" / "results.md"
-    assert R.report_main(_report_args(cells_root, out, tmp_path / "features")) == 0
+    assert report_main(_report_args(cells_root, out, tmp_path / "features")) == 0
     text = out.read_text()
 
     # the table's IPA and SFT rows are the means of the per-clip rows the cells wrote
-    has_clips = (cells_root / "round-1" / specs[0].name / "clips.npz").exists()
+    for spec in specs:  # evaluate stores its clips: the set-level columns (FD) have numbers
+        assert (cells_root / "round-1" / spec.name / "clips.npz").stat().st_size > 0
     for spec, title in zip(specs, ("IPA hand (λ=10)", "SFT on gated")):
         rows = json.loads((cells_root / "round-1" / spec.name / "per_clip.json").read_text())
         vals = _row_values(text, title)
         assert vals[3] == "1"  # one training seed
-        for j, m in enumerate(R.CLIP_METRICS):
+        for j, m in enumerate(CLIP_METRICS):
             mean = np.mean([r[m] for r in rows if r["model"] == "ipa"])
-            digits = R.DIGITS.get(m, 3)
+            digits = table_digits(m)
             assert re.match(rf"^{re.escape(f'{mean:.{digits}f}')}( ± |$)", vals[4 + j]), (m, vals[4 + j], mean)
-        if has_clips:
-            assert all(v != "n/a" for v in vals[4 + len(R.CLIP_METRICS):])
+        set_level = vals[4 + len(CLIP_METRICS):]
+        assert set_level and all(v != "n/a" for v in set_level), vals
     assert "Hand-weighted IPA (λ=10, β=600) improves hands without hurting the whole video:" in text
     assert re.search(r"IPA beats SFT on the same gated samples \*\(not in the paper\)\*: \*\*(held|did not hold|inconclusive)\*\*", text)
     assert "β=600 beats β=200 (extra-hand artefacts): not run" in text
     assert (out.parent / "results" / "beta_hand_quality.png").stat().st_size > 0
-    assert ("](results/clips.png)" in text) == has_clips
+    assert "](results/clips.png)" in text and (out.parent / "results" / "clips.png").stat().st_size > 0
 
     # the same seed reproduces the same numbers: rerun the IPA cell elsewhere, then the report
     again = tmp_path / "again"
@@ -321,39 +353,23 @@ def test_reduced_grid_report_from_its_own_numbers(tiny_base, tmp_path):
     b = json.loads((again / "round-1" / specs[0].name / "per_clip.json").read_text())
     assert a == b
     out2 = tmp_path / "docs2" / "results.md"
-    assert R.report_main(_report_args(again, out2, tmp_path / "features")) == 0
+    assert report_main(_report_args(again, out2, tmp_path / "features")) == 0
     assert _row_values(out2.read_text(), "IPA hand (λ=10)") == _row_values(text, "IPA hand (λ=10)")
 
 
 # ---- the same cells as real DVC experiments -----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_grid_cells_run_as_dvc_experiments(tmp_path, monkeypatch):
+def test_grid_cells_run_as_dvc_experiments(scratch_dvc_repo, tmp_path, monkeypatch):
     """`dvc exp run --temp -S ... evaluate` per cell in a scratch git+DVC repo, collected via dvc.api;
     the workspace's params.yaml is left as it was (other people work in the same tree)."""
     import os
-    import shutil
-    import subprocess
 
-    from ipa_lib.models.toy import ToyBackend, build_transformer
-    from ipa_lib.core.config import apply_override
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
-    shutil.copytree(REPO / "ipa_lib", repo / "ipa_lib", ignore=shutil.ignore_patterns("__pycache__"))
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for item in TINY:
-        apply_override(data, item)
-    (repo / "params.yaml").write_text(yaml.safe_dump(data))
-    ToyBackend(build_transformer(tiny_params().model, 0)).save_pretrained(repo / "models" / "base")
-    (repo / ".gitignore").write_text("/.ipa/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    repo, env = scratch_dvc_repo(TINY)
+    for k, v in env.items():  # paper_grid runs dvc with this process's environment
+        if os.environ.get(k) != v:
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     before = (repo / "params.yaml").read_text()
 
     common = paper_grid.budget_overrides(paper_grid.BUDGET, ["train.steps=2", "train.batch_size=4", "evaluate.num_poses=3",
@@ -374,7 +390,7 @@ def test_grid_cells_run_as_dvc_experiments(tmp_path, monkeypatch):
     assert specs[0].name in listed and listed[specs[0].name]["params"]["train"]["beta"] == 200.0
 
     out = tmp_path / "results.md"
-    args = R.add_arguments(argparse.ArgumentParser()).parse_args(
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
         ["--cells", str(cells), "--out", str(out), "--no-fd", "--params", str(REPO / "params.yaml"), "--bootstrap", "50", "--quiet"])
-    assert R.report_main(args) == 0
+    assert report_main(args) == 0
     assert "| IPA hand (λ=10) | 200 | 10 | 1 |" in out.read_text()

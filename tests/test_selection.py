@@ -25,22 +25,22 @@ def test_highest_primary_wins():
 
 def test_ties_go_to_the_first_run():
     runs = [{"m": 0.7}, {"m": 0.9}, {"m": 0.9}]
-    assert select_best(runs, "m") == 1
+    assert select_best(runs, "m", higher_is_better=True) == 1
 
 
 def test_missing_or_non_finite_numbers_cannot_win():
     runs = [{"m": math.nan}, {"other": 1.0}, {"m": -3.0}, {"m": math.inf}, {"m": "high"}, {"m": True}]
-    assert select_best(runs, "m") == 2
+    assert select_best(runs, "m", higher_is_better=True) == 2
 
 
 def test_numpy_numbers_count():
-    assert select_best([{"m": np.float32(0.1)}, {"m": np.float64(0.2)}], "m") == 1
+    assert select_best([{"m": np.float32(0.1)}, {"m": np.float64(0.2)}], "m", higher_is_better=True) == 1
 
 
 @pytest.mark.parametrize("runs", [[], [{"m": math.nan}], [{"x": 1.0}, {"y": 2.0}]])
 def test_no_winner_is_a_readable_error(runs):
     with pytest.raises(ValueError, match="select-best") as err:
-        select_best(runs, "m")
+        select_best(runs, "m", higher_is_better=True)
     if runs:
         assert "'m'" in str(err.value)
 
@@ -148,3 +148,15 @@ def test_evaluation_html_embeds_the_side_by_side(tmp_path):
     assert "<td>psnr</td><td>20.0000</td><td>21.2500</td><td>+1.2500</td>" in page
     assert 'src="data:image/png;base64,iVBOR' in page  # the PNG signature, base64
     assert "<img" not in evaluation_html({"base": {"psnr": 1.0}, "ipa": {"psnr": 1.0}}, tmp_path / "none.png")
+
+
+def test_select_best_follows_the_registry_direction():
+    from ipa_lib.core.metrics import Metric, METRICS
+
+    runs = [{"fd": 3.0}, {"fd": 1.0}, {"fd": 2.0}]
+    assert not METRICS["fd"].higher_is_better
+    assert select_best(runs, "fd") == 1  # lower is better
+    assert select_best(runs, "fd", higher_is_better=True) == 0
+    with pytest.raises(ValueError, match="unknown metric"):
+        select_best(runs, "no_such_metric")
+    assert isinstance(METRICS["psnr"], Metric)

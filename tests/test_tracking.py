@@ -4,7 +4,6 @@ datasets, artifacts, curves; against a real `mlflow server` and the default loca
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import uuid
@@ -81,12 +80,6 @@ def _client(uri: str):
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- no server
 
 
@@ -100,9 +93,9 @@ def test_uri_precedence(monkeypatch, tmp_path):
     assert local == default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/.ipa/mlflow.db"
 
 
-def test_unreachable_server_fails_fast_with_clear_message(monkeypatch, repo):
+def test_unreachable_server_fails_fast_with_clear_message(monkeypatch, repo, free_port):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port}"
     t0 = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=r"unreachable after 3 attempt\(s\)") as err:
         check_server(uri, max_retries=2, timeout_s=1, backoff_s=0.1)
@@ -252,6 +245,41 @@ def test_round_run_for_single_process_drivers(monkeypatch, mlflow_server, repo):
     assert s2.lineage["stages"] == {"sample": s1.run_id, "gate": s2.run_id}
     parent = _client(mlflow_server.uri).get_run(rnd.run_id)
     assert parent.info.run_name == "kfp-round" and parent.info.status == "FINISHED"
+
+
+def test_round_numbers_are_unique_under_concurrency(monkeypatch, mlflow_server, repo):
+    """Rounds opened at the same time get distinct consecutive numbers (the experiment's counter
+    tag, advanced under a registry lock); an experiment without the tag continues after its
+    newest round."""
+    import threading
+
+    from ipa_lib.mlops.tracking import TAG_ROUND_COUNTER, round_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = _params(mlflow_server.uri)
+    names, errors, barrier = [], [], threading.Barrier(4)
+
+    def open_round() -> None:
+        try:
+            barrier.wait()
+            with round_run(params, root=repo) as rnd:
+                names.append(rnd.lineage["round_name"])
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=open_round) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(names) == ["round-001", "round-002", "round-003", "round-004"]
+    client = _client(mlflow_server.uri)
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    assert exp.tags[TAG_ROUND_COUNTER] == "4"
+    assert not client.search_registered_models(f"name = 'ipa-experiment-{exp.experiment_id}.round-lock'")  # released
+    client.delete_experiment_tag(exp.experiment_id, TAG_ROUND_COUNTER)  # an experiment from before the counter
+    with round_run(params, root=repo) as rnd:
+        assert rnd.lineage["round_name"] == "round-005"
 
 
 def test_redact_uri_drops_credentials_and_keeps_local_paths():

@@ -19,7 +19,7 @@ wrapper, a lambda in a test).
 
 Training clips come from toy-world seeds `FEATURE_SEED + i`, a range that pretraining
 (seed 0 + i), sampling (1000 + i) and evaluation (99 000 + i) never reach at their sizes.
-Saved as `<dir>/config.json` + `<dir>/model.safetensors` (no pickles).
+Saved as `<dir>/config.json` + `<dir>/model.safetensors` (no pickles); `ipa features` trains both extractors from the command line.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class FeatureExtractor:
 
         path = Path(path)
         if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
-            raise FileNotFoundError(f"{path}: no feature extractor (config.json + model.safetensors); train one with `python -m ipa_lib.analysis.features`")
+            raise FileNotFoundError(f"{path}: no feature extractor (config.json + model.safetensors); train one with `ipa features`")
         cfg = FeatureConfig(**json.loads((path / "config.json").read_text()))
         net = _build(cfg)
         try:
@@ -317,27 +317,3 @@ def load_extractors(root: str | Path, frames: int, size: int, motion: float = 1.
     if not train_if_missing:
         raise FileNotFoundError(f"{root}: {reason}")
     return train_extractors(root, frames, size, motion, corpus_size=corpus_size, steps=steps)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ipa_lib.analysis.features [--out models/features]`: train both extractors on the toy world."""
-    import argparse
-
-    from ipa_lib.core.config import load_params
-
-    p = argparse.ArgumentParser(description="train the toy-world feature extractors used for Frechet distances")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default="models/features")
-    p.add_argument("--corpus-size", type=int, default=1536)
-    p.add_argument("--steps", type=int, default=300)
-    args = p.parse_args(argv)
-    params = load_params(args.params, args.set)
-    result = train_extractors(args.out, params.toy.frames, params.toy.size, params.toy.motion,
-                              corpus_size=args.corpus_size, steps=args.steps)
-    print(json.dumps({k: v.cfg.train for k, v in result.items()}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,154 +2,28 @@
 
 Each subcommand parses arguments, loads `params.yaml` (+ `--set key=value` overrides) and
 calls one library function; nothing here decides anything the library does not own.
+Command groups live in their own modules: `stages` (pretrain ... promote), `hands`,
+`cluster`, `report`; `ipa pipeline` drives `ipa_lib.orchestration.kfp`. Errors follow one
+policy for every command, `ipa_lib.core.errors.exit_code` (bad input 2, failure 1).
 Heavy libraries are imported inside the handlers so `ipa --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-
-
-def _params(args):
-    from ipa_lib.core.config import load_params
-
-    return load_params(args.params, args.set)
-
-
-def tracked_stage(*args, **kwargs):
-    """`ipa_lib.mlops.tracking.tracked_stage`, imported on first use (keeps `ipa --help` fast)."""
-    from ipa_lib.mlops.tracking import tracked_stage as run
-
-    return run(*args, **kwargs)
-
-
-def _print(result) -> None:
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
-
-
-def cmd_pretrain(args) -> int:
-    from ipa_lib.stages.pretrain import pretrain
-
-    params = _params(args)
-    out = args.out or params.pretrain.out
-    result = tracked_stage(params, "pretrain", lambda p: pretrain(p, out, progress=not args.quiet), inputs=[], output=out)
-    result.pop("log", None)
-    _print(result)
-    return 0
-
-
-def cmd_sample(args) -> int:
-    from ipa_lib.stages.sample import sample
-
-    params = _params(args)
-    out = args.out or params.sample.out
-    base = args.base_model or params.backend.base_model
-    result = tracked_stage(params, "sample", lambda p: sample(p, out, args.base_model, args.adapter, progress=not args.quiet),
-                      inputs=[(base, "base-model")] if Path(base).exists() else [], output=out)
-    _print(result)
-    return 0
-
-
-def cmd_gate(args) -> int:
-    from ipa_lib.stages.gate import gate
-
-    params = _params(args)
-    samples, out = args.samples or params.sample.out, args.out or params.gate.out
-    _print(tracked_stage(params, "gate", lambda p: gate(p, samples, out, progress=not args.quiet), inputs=[(samples, "samples")], output=out))
-    return 0
-
-
-def cmd_train(args) -> int:
-    from ipa_lib.core.io import atomic_write_json
-    from ipa_lib.stages.train import train
-
-    params = _params(args)
-    gated, out = args.gated or params.gate.out, args.out or params.train.out
-
-    def run(p):
-        result = train(p, gated, out, args.base_model, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
-        if "log" in result:
-            from ipa_lib.data.visualize import plot_curve
-
-            atomic_write_json("metrics/train_curve.json", result["log"])
-            summary = {k: v for k, v in result.items() if k not in ("log", "final")}
-            atomic_write_json("metrics/train.json", summary | {f"final_{k}": v for k, v in result["final"].items()})
-            plot_curve(f"{out}/train_curve.png", result["log"], title=f"train[{p.train.loss}] beta={p.train.beta} lambda={p.train.hand_weight}")
-        return result
-
-    result = tracked_stage(params, "train", run, inputs=[(gated, "gated-samples")], output=out)
-    result.pop("log", None)
-    _print(result)
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    from ipa_lib.stages.evaluate import evaluate
-
-    params = _params(args)
-    adapter, out = args.adapter or params.train.out, args.out or params.evaluate.out
-    metrics = args.metrics or params.evaluate.metrics
-    result = tracked_stage(params, "evaluate", lambda p: evaluate(p, adapter, out, metrics, args.base_model, progress=not args.quiet),
-                      inputs=[(adapter, "adapter")], output=out)
-    print(format_table(result))
-    return 0
-
-
-def cmd_show(args) -> int:
-    from ipa_lib.core.io import read_json
-
-    print(format_table(read_json(args.metrics, "evaluation metrics")))
-    return 0
-
-
-def format_table(result: dict) -> str:
-    from ipa_lib.stages.evaluate import METRICS
-
-    lines = [f"{'metric':<16}{'base':>10}{'ipa':>10}{'delta':>10}"]
-    for m in METRICS:
-        b, a = result["base"][m], result["ipa"][m]
-        lines.append(f"{m:<16}{b:>10.4f}{a:>10.4f}{a - b:>+10.4f}")
-    return "\n".join(lines)
-
-
-def cmd_register(args) -> int:
-    from ipa_lib.stages.registry_cmds import register_main
-
-    return register_main(args.params, args.set, adapter_dir=args.adapter, metrics_path=args.metrics)
-
-
-def cmd_promote(args) -> int:
-    from ipa_lib.stages.registry_cmds import promote_main
-
-    return promote_main(args.params, args.candidate, args.dry_run, args.to_version, overrides=args.set)
-
-
-def cmd_hands_detect(args) -> int:
-    from ipa_lib.data.hands.detect_cli import detect_main
-
-    return detect_main(args.paths, args.json, args.model)
 
 
 def cmd_cluster_preflight(args) -> int:
-    from ipa_lib.orchestration.cluster import preflight_main
+    from ipa_lib.cli.cluster import cmd_preflight
 
-    return preflight_main(args.params, args.context)
-
-
-def cmd_smoke(args) -> int:
-    from ipa_lib.stages.smoke import smoke_main
-
-    return smoke_main(args.backend)
+    return cmd_preflight(args)
 
 
 def cmd_report(args) -> int:
-    from ipa_lib.analysis.report import add_arguments, report_main
+    from ipa_lib.cli.report import main as report_main
 
-    parser = add_arguments(argparse.ArgumentParser(prog="ipa report", description="the method x beta table, curves and claims"))
-    return report_main(parser.parse_args(args.extra))
+    return report_main(args.extra)
 
 
 def cmd_pipeline(args) -> int:
@@ -159,6 +33,11 @@ def cmd_pipeline(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ipa_lib.cli import features as features_cli
+    from ipa_lib.cli import hands as hands_cli
+    from ipa_lib.cli.stages import (cmd_evaluate, cmd_gate, cmd_pretrain, cmd_promote, cmd_register, cmd_sample,
+                                    cmd_show, cmd_smoke, cmd_train)
+
     parser = argparse.ArgumentParser(prog="ipa", description="Implicit Preference Alignment for pose-driven human image animation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -186,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="metrics/eval.json")
     p.set_defaults(func=cmd_show)
     p = stage("register", cmd_register, "log the aligned model to MLflow and register a version")
-    p.add_argument("--adapter"), p.add_argument("--metrics")
+    p.add_argument("--adapter", help="adapter folder (default: train.out)")
+    p.add_argument("--base-model", help="base model folder (default: backend.base_model)")
+    p.add_argument("--metrics", help="evaluation metrics file (default: evaluate.metrics)")
     p = stage("promote", cmd_promote, "move the champion alias if the candidate is measurably better")
     p.add_argument("--candidate", type=int), p.add_argument("--to-version", type=int, help="roll back: point the alias at version N")
     p.add_argument("--dry-run", action="store_true")
@@ -197,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="the method x beta table, curves and claims -> docs/results.md", add_help=False)
     p.set_defaults(func=cmd_report)
 
-    hands = sub.add_parser("hands", help="hand detection on images and videos").add_subparsers(dest="hands_cmd", required=True)
-    p = hands.add_parser("detect", help="run the MediaPipe hand landmarker")
-    p.add_argument("paths", nargs="+"), p.add_argument("--json", action="store_true"), p.add_argument("--model")
-    p.set_defaults(func=cmd_hands_detect)
+    hands_cli.add_commands(sub)
+    features_cli.add_command(sub)
 
     cluster = sub.add_parser("cluster", help="Kubernetes cluster checks").add_subparsers(dest="cluster_cmd", required=True)
     p = cluster.add_parser("preflight", help="check what a pipeline run needs in the cluster")
-    p.add_argument("--params", default="params.yaml"), p.add_argument("--context")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param, e.g. pipeline.namespace=ml")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
     p.set_defaults(func=cmd_cluster_preflight)
 
     pipeline = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, run locally")
@@ -217,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", required=True), p.add_argument("--experiment", default=None)
     p.add_argument("--param", action="append", default=[], metavar="K=V", help="pipeline parameter override")
     p.add_argument("--package", default="pipelines/ipa_round.yaml")
-    p = psub.add_parser("run-local", help="run the DAG with kfp.local (SubprocessRunner)")
+    p = psub.add_parser("run-local", help="run the DAG with kfp.local (subprocesses, or containers of the runtime image)")
     p.add_argument("--workdir", default=".ipa/kfp-local")
+    p.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="docker: every task in a container of --image through DOCKER_HOST (docs/containers.md)")
+    p.add_argument("--image", default=None, help="runtime image for --runner docker (default: localhost/ipa-runtime:0.1.0, `make image`)")
     pipeline.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -7,13 +7,13 @@ are errors that name the file and the dotted key (pydantic `extra="forbid"`).
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import InputError
-
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ipa_lib.core.errors import InputError
 
 
 class ConfigError(InputError):
@@ -61,8 +61,6 @@ class BackendConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
-    height: int = 480  # wan-animate only
-    width: int = 832  # wan-animate only
     num_frames: int = 81  # wan-animate only, 4k+1
     guidance_scale: float = 1.0  # wan-animate only
     prompt: str = ""  # wan-animate only: text prompt, encoded once (umT5) for training and sampling
@@ -116,6 +114,8 @@ class TrainConfig(Section):
     # a loss above spike_factor x its running median stops training (last good checkpoint kept)
     spike_factor: float = Field(50.0, gt=1)
     out: str = "models/adapter"
+    metrics: str = "metrics/train.json"  # the run's summary + final diagnostics (DVC metrics)
+    curve: str = "metrics/train_curve.json"  # the logged steps (DVC plots); the PNG goes into `out`
 
     @field_validator("lora_targets")
     @classmethod
@@ -154,6 +154,31 @@ class PromoteConfig(Section):
     out: str = "metrics/promotion.json"  # the decision `ipa promote` made (DVC output)
     lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion
     lock_stale_s: float = Field(600.0, gt=0)  # a lock older than this was left by a crash
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _ranked_metric(cls, v: str) -> str:
+        return _directed_metric(v)
+
+    @field_validator("tolerances")
+    @classmethod
+    def _tolerated_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, tol in v.items():
+            _directed_metric(k)
+            if tol < 0:
+                raise ValueError(f"{k}: a tolerance is a non-negative amount, got {tol}")
+        return v
+
+
+def _directed_metric(name: str) -> str:
+    """`name` must be a metric of the registry with a better direction (it ranks models)."""
+    from ipa_lib.core.metrics import METRICS
+
+    m = METRICS.get(name)
+    if m is None or m.higher_is_better is None:
+        ranked = ", ".join(k for k, d in METRICS.items() if d.higher_is_better is not None)
+        raise ValueError(f"{name!r} is not a metric that ranks models (known: {ranked})")
+    return name
 
 
 class PipelineConfig(Section):

@@ -24,6 +24,9 @@ class Metric:
     lower: float = -math.inf  # the metric's range, for clipping intervals on plots
     upper: float = math.inf
     digits: int = 4  # decimals in tables
+    # how one model's value is formed: "clip" (one value per generated clip, averaged), "set" (one
+    # number per generated set, e.g. FD), "probe" (a per-clip artefact probe on stored clips), "run" (training)
+    kind: str = "clip"
 
     def _directed(self) -> None:
         if self.higher_is_better is None:
@@ -52,13 +55,13 @@ _ALL = (
     Metric("ssim", True, "evaluate", "SSIM", "whole clip vs ground truth", -1.0, 1.0),
     Metric("hand_psnr", True, "evaluate", "hand PSNR (dB)", "PSNR inside the driving pose's hand mask", 0.0, math.inf, 2),
     # report: computed from stored clips, one number per generated set or per clip
-    Metric("fd", False, "report", "FD", "Frechet distance of whole-clip features to real clips", 0.0, math.inf, 3),
-    Metric("hand_fd", False, "report", "hand FD", "Frechet distance of hand-crop features to real clips", 0.0, math.inf, 3),
-    Metric("score_gaps", True, "report", "finger gaps clear", "toy scorer probe: finger gaps visible"),
-    Metric("hand_sharpness", None, "report", "hand sharpness", "toy scorer probe: hand-region sharpness (diagnostic)"),
+    Metric("fd", False, "report", "FD", "Frechet distance of whole-clip features to real clips", 0.0, math.inf, 3, "set"),
+    Metric("hand_fd", False, "report", "hand FD", "Frechet distance of hand-crop features to real clips", 0.0, math.inf, 3, "set"),
+    Metric("score_gaps", True, "report", "finger gaps clear", "toy scorer probe: finger gaps visible", kind="probe"),
+    Metric("hand_sharpness", None, "report", "hand sharpness", "toy scorer probe: hand-region sharpness (diagnostic)", kind="probe"),
     # train: the last logged step (metrics/train.json as final_<name>)
-    Metric("loss", False, "train", "loss", "training loss of the chosen objective"),
-    Metric("implicit_acc", True, "train", "implicit accuracy", "fraction of samples with gain > 0 (IPA/DPO/KTO)", 0.0, 1.0),
+    Metric("loss", False, "train", "loss", "training loss of the chosen objective", kind="run"),
+    Metric("implicit_acc", True, "train", "implicit accuracy", "fraction of samples with gain > 0 (IPA/DPO/KTO)", 0.0, 1.0, kind="run"),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
@@ -77,3 +80,8 @@ def get(name: str) -> Metric:
 
 def stage_metrics(stage: str) -> tuple[str, ...]:
     return tuple(m.name for m in _ALL if m.stage == stage)
+
+
+def kind_metrics(kind: str) -> tuple[str, ...]:
+    """The metrics of one `kind` ("clip" | "set" | "probe" | "run"), in registry order."""
+    return tuple(m.name for m in _ALL if m.kind == kind)

@@ -13,8 +13,6 @@ Usage analytics are switched off (GX_ANALYTICS_ENABLED=false) before GE is impor
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import InputError
-
 import json
 import math
 import os
@@ -23,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from ipa_lib.core.errors import InputError
 
 SCHEMA: dict[str, str] = {
     "sample_id": "str",

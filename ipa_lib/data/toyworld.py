@@ -274,3 +274,14 @@ def stack_clips(clips: list[Clip]) -> dict[str, np.ndarray]:
         "hand_keypoints": np.stack([c.hand_keypoints for c in clips]),
         "corrupted": np.array([bool(c.corruption) for c in clips]),
     }
+
+
+def toy_conditions(first_seed: int, count: int, frames: int, size: int, motion: float) -> dict[str, np.ndarray]:
+    """Reference images, pose videos and hand keypoints of `count` clean toy clips."""
+    clips = [make_clip(first_seed + i, frames, size, corrupt=False, motion=motion) for i in range(count)]
+    return {
+        "reference": np.stack([c.reference for c in clips]),
+        "pose": np.stack([c.pose for c in clips]),
+        "hand_keypoints": np.stack([c.hand_keypoints for c in clips]),
+        "target": np.stack([c.video for c in clips]),  # ground truth: evaluation only
+    }

@@ -12,8 +12,6 @@ frame decoded cleanly, which is what a training sample needs.
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import InputError
-
 import os
 import re
 import subprocess
@@ -23,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from ipa_lib.core.errors import InputError
 
 # Refuse frames above this many pixels before allocating them (a 100000x100000 PNG header
 # costs nothing to write and 30 GB to decode). 8192x8192 covers every 8K source.

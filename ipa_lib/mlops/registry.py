@@ -1,10 +1,13 @@
 """The MLflow model registry: register the aligned animator, promote it guardedly, roll back.
 
 - `IPAAnimatorModel` is a pyfunc model carrying the base model folder, the LoRA adapter
-  folder and a `params.yaml` snapshot as artifacts, so `models:/ipa-animator@champion`
-  loads with nothing else on disk. `predict({"reference": (H,W,3) uint8,
+  folder and a `params.yaml` snapshot as artifacts, and the `ipa_lib` package as its code
+  (`code_paths`, put on `sys.path` when it loads). Loading `models:/ipa-animator@champion`
+  needs only a Python with the model's pip requirements (`requirements.txt` in the model:
+  mlflow, torch, diffusers, peft, ...), not this checkout; a base given as a hub id (not
+  carried) is downloaded from the hub. `predict({"reference": (H,W,3) uint8,
   "pose_video": (F,H,W,3) uint8}, params={"seed", "num_inference_steps"})` returns the
-  generated clip (F,H,W,3) uint8.
+  generated clip (F,H,W,3) uint8. docs/mlflow-serving.md serves it over HTTP.
 - `register_model` logs it with a signature and an input example, creates a version of
   `tracking.registered_model` with the evaluation numbers (`metrics/eval.json`) as version
   tags `eval.ipa.<k>` / `eval.base.<k>` and as metrics of the logged model, all set in the
@@ -16,10 +19,10 @@
 
 Race safety. MLflow has no compare-and-set on aliases, but creating a registered model
 is atomic (a unique name in the registry database: the second creator gets
-RESOURCE_ALREADY_EXISTS). `promotion_lock` uses that as a mutex: `<name>.promotion-lock`
-is created with a random token, an owner and a timestamp; the holder re-reads the
-champion, decides, writes tags, moves the alias, re-reads the alias to verify it, appends
-history, and deletes the lock. Others wait (`promote.lock_timeout_s`) and then decide
+RESOURCE_ALREADY_EXISTS). `promotion_lock` uses that as a mutex (`tracking.store_lock`):
+`<name>.promotion-lock` is created with a random token, an owner and a timestamp; the
+holder re-reads the champion, decides, writes tags, moves the alias, re-reads the alias to
+verify it, appends history, and deletes the lock. Others wait (`promote.lock_timeout_s`) and then decide
 against the new champion; a lock older than `promote.lock_stale_s` is taken to be left
 by a crashed process and removed. A verification re-read alone could not prevent two
 promoters from both comparing against the same old champion and the worse one landing
@@ -29,33 +32,43 @@ against the champion it replaces.
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import InputError, RuntimeFailure
-
 import contextlib
 import json
 import math
 import os
-import random
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc  # the model class below subclasses PythonModel
 import numpy as np
 import yaml
 
-import mlflow.pyfunc  # the model class below subclasses PythonModel
 from ipa_lib.core.config import Params, PromoteConfig, load_params
-from ipa_lib.mlops.tracking import TELEMETRY_ENV, _who, configure, git_info, redact_uri, stage_run
+from ipa_lib.core.decisions import Decision, MetricsError, decide, required_metrics
+from ipa_lib.core.decisions import check_metrics as _check_metrics
+from ipa_lib.core.errors import RuntimeFailure
+from ipa_lib.core.io import atomic_write_json
+from ipa_lib.core.metrics import EVAL_METRICS
+from ipa_lib.mlops.tracking import (
+    TELEMETRY_ENV,
+    TrackingError,
+    _who,
+    configure,
+    git_info,
+    redact_uri,
+    stage_run,
+    store_lock,
+)
 
 for _k, _v in TELEMETRY_ENV.items():
     os.environ.setdefault(_k, _v)
 
-METRIC_KEYS = ("hand_quality", "hand_pass_rate", "psnr", "ssim", "hand_psnr")
+METRIC_KEYS = EVAL_METRICS  # the evaluate stage's metrics, from the metric registry
 TAG_CAND = "eval.ipa."  # version tag prefix: the candidate's numbers from metrics/eval.json
 TAG_BASE = "eval.base."  # version tag prefix: the base model's numbers (what a first model must beat)
 TAG_DECISION = "ipa.promotion."  # decision, reason, compared (JSON numbers), by (who at when); superseded_by
@@ -67,98 +80,7 @@ class RegistryError(RuntimeFailure):
     """A registry operation that cannot go ahead; the alias is left unchanged."""
 
 
-class MetricsError(RegistryError, InputError):
-    """Evaluation numbers missing or not finite (bad input: exit 2)."""
-
-    exit_code = InputError.exit_code
-
-
 # ----------------------------------------------------------------------------- policy
-
-
-@dataclass
-class Decision:
-    promote: bool
-    reason: str
-    compared: dict = field(default_factory=dict)
-    action: str = ""  # promote | reject | keep | rollback
-    candidate: int | None = None
-    previous_champion: int | None = None
-    champion: int | None = None  # champion after the decision (would-be, for a dry run)
-    dry_run: bool = False
-    model: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def required_metrics(cfg: PromoteConfig) -> list[str]:
-    return [cfg.primary_metric, *[k for k in cfg.tolerances if k != cfg.primary_metric]]
-
-
-def _check_metrics(what: str, metrics: Mapping[str, Any] | None, keys: list[str]) -> dict[str, float]:
-    if metrics is None:
-        raise MetricsError(f"{what}: no evaluation metrics")
-    missing = [k for k in keys if k not in metrics or metrics[k] is None]
-    if missing:
-        raise MetricsError(f"{what}: missing evaluation metric(s) {missing} (has {sorted(metrics)})")
-    out = {}
-    for k in keys:
-        try:
-            v = float(metrics[k])
-        except (TypeError, ValueError):
-            raise MetricsError(f"{what}: metric {k!r} is not a number: {metrics[k]!r}") from None
-        if not math.isfinite(v):
-            raise MetricsError(f"{what}: metric {k!r} is not finite: {v}")
-        out[k] = v
-    return out
-
-
-def decide(
-    candidate_metrics: Mapping[str, float],
-    champion_metrics: Mapping[str, float] | None,
-    base_metrics: Mapping[str, float] | None,
-    cfg: PromoteConfig,
-    *,
-    reference_label: str | None = None,
-) -> Decision:
-    """Promote iff the candidate beats the reference on `cfg.primary_metric` by at least
-    `cfg.margin` (and by more than zero) and no metric in `cfg.tolerances` falls more than
-    its tolerance below the reference. The reference is the champion, or the base model
-    when there is no champion yet. All metrics are higher-is-better.
-
-    Raises MetricsError if a needed number is missing or not finite. `reference_label`
-    (e.g. "champion v3") only changes the wording of the reason.
-    """
-    keys = required_metrics(cfg)
-    cand = _check_metrics("candidate", candidate_metrics, keys)
-    if champion_metrics is not None:
-        ref_name, ref = "champion", _check_metrics("champion", champion_metrics, keys)
-    else:
-        ref_name, ref = "base", _check_metrics("base model", base_metrics, keys)
-    pm = cfg.primary_metric
-    delta = {k: cand[k] - ref[k] for k in keys}
-    regressions = {k: delta[k] for k, tol in cfg.tolerances.items() if delta[k] < -tol}
-    compared = {
-        "reference": ref_name,
-        "primary_metric": pm,
-        "margin": cfg.margin,
-        "tolerances": dict(cfg.tolerances),
-        "candidate": cand,
-        "reference_metrics": ref,
-        "delta": delta,
-        "regressions": regressions,
-    }
-    gain = delta[pm]
-    label = reference_label or ref_name
-    head = f"{pm} {cand[pm]:.4f} vs {label} {ref[pm]:.4f} ({gain:+.4f}, margin {cfg.margin:.4f})"
-    if gain <= 0 or gain < cfg.margin:
-        return Decision(False, f"{head}: does not beat the {label} by the margin", compared, "reject")
-    if regressions:
-        worst = ", ".join(f"{k} {d:+.4f} (tolerance {cfg.tolerances[k]})" for k, d in regressions.items())
-        return Decision(False, f"{head}; but regresses beyond tolerance: {worst}", compared, "reject")
-    ok = ", ".join(f"{k} {delta[k]:+.4f}" for k in cfg.tolerances)
-    return Decision(True, f"{head}; global metrics within tolerance ({ok})", compared, "promote")
 
 
 def read_eval_metrics(path: str | Path, cfg: PromoteConfig | None = None) -> tuple[dict[str, float], dict[str, float]]:
@@ -211,7 +133,7 @@ def start_backend(params: Params, base_model: str | Path | None = None, adapter:
 
 
 def _animate(backend, reference: np.ndarray, pose_video: np.ndarray, seed: int, num_inference_steps: int) -> np.ndarray:
-    from ipa_lib.stages.sample import animate
+    from ipa_lib.models.generate import animate
 
     return animate(backend, reference, pose_video, seed=seed, num_inference_steps=num_inference_steps)
 
@@ -286,16 +208,29 @@ def input_example(params: Params) -> dict[str, np.ndarray]:
     return {"reference": ref.astype(np.uint8), "pose_video": pose}
 
 
+# what loading and predicting imports (ipa_lib itself travels as the model's code, and
+# ipa-align is not on any index): pinned to the versions installed here
+MODEL_REQUIREMENTS = ("mlflow", "torch", "diffusers", "accelerate", "peft", "safetensors", "transformers",
+                      "numpy", "pydantic", "pyyaml")
+
+
 def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for dist in ("ipa-align", "mlflow", "torch", "diffusers", "peft", "numpy", "pydantic", "pyyaml"):
-        try:
-            reqs.append(f"{dist}=={version(dist)}")
+    for dist in MODEL_REQUIREMENTS:
+        try:  # without a local label (torch 2.x+cpu): installable from PyPI
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:
             reqs.append(dist)
     return reqs
+
+
+def _code_paths() -> list[str]:
+    """The `ipa_lib` package folder this process runs, logged as the model's code."""
+    import ipa_lib
+
+    return [str(Path(ipa_lib.__file__).resolve().parent)]
 
 
 # ----------------------------------------------------------------------------- register
@@ -376,6 +311,7 @@ def register_model(
                 signature=model_signature(params),
                 input_example=(example, {"seed": 0, "num_inference_steps": 2}),
                 pip_requirements=_pip_requirements(),
+                code_paths=_code_paths(),  # served outside this checkout: ipa_lib travels along
                 metadata={"ipa": {"backend": params.backend.name, "registered_model": name}},
             )
             # MLflow loads the logged model and predicts the example: a real generation for the
@@ -418,8 +354,7 @@ def register_model(
             "metrics": {"ipa": cand, "base": base},
             "lineage": lineage,
         }
-        Path(record_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(record_path).write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(record_path, rec)
     return version
 
 
@@ -511,58 +446,16 @@ def _candidate_numbers(mv, cfg: PromoteConfig, name: str) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def promotion_lock(client, name: str, timeout_s: float = 60.0, stale_s: float = 600.0, poll_s: float = 0.25) -> Iterator[str]:
-    """Mutual exclusion between promoters of `name` through an atomic registry create.
-
-    Yields the lock token. Raises RegistryError if another holder keeps it past `timeout_s`.
-    """
-    from mlflow.exceptions import MlflowException
-
-    lock = f"{name}{LOCK_SUFFIX}"
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.create_registered_model(
-                lock,
-                tags={"ipa.lock.token": token, "ipa.lock.owner": _who(), "ipa.lock.acquired_at": repr(time.time())},
-                description=f"lock held while promoting {name}; safe to delete if its owner died",
-            )
-            break
-        except MlflowException as err:
-            if "ALREADY_EXISTS" not in _err_code(err):
-                raise
-        try:
-            holder = client.get_registered_model(lock)
-        except MlflowException:
-            continue  # released in between: try again
-        if holder.tags.get("ipa.lock.token") == token:
-            break  # our create went through and a retry saw it
-        since = float(holder.tags.get("ipa.lock.acquired_at") or (holder.creation_timestamp or 0) / 1000)
-        if time.time() - since > stale_s:
-            _release(client, lock, holder.tags.get("ipa.lock.token"))  # left by a crashed process
-            continue
-        if time.monotonic() > deadline:
-            raise RegistryError(
-                f"another promotion of {name!r} holds the lock {lock!r} (owner {holder.tags.get('ipa.lock.owner')}, "
-                f"since {datetime.fromtimestamp(since, timezone.utc).isoformat(timespec='seconds')}); "
-                f"retry later, or delete that registered model if its owner died"
-            )
-        time.sleep(poll_s * (0.5 + random.random()))
+    """Mutual exclusion between promoters of `name`: registered model `<name>.promotion-lock`
+    held through `tracking.store_lock`. Yields the lock token. Raises RegistryError if another
+    holder keeps it past `timeout_s`."""
     try:
-        yield token
-    finally:
-        _release(client, lock, token)
-
-
-def _release(client, lock: str, token: str | None) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        holder = client.get_registered_model(lock)
-        if holder.tags.get("ipa.lock.token") == token:
-            client.delete_registered_model(lock)
-    except MlflowException:
-        pass  # already gone
+        with store_lock(client, f"{name}{LOCK_SUFFIX}", f"promotion of {name!r}", timeout_s, stale_s, poll_s) as token:
+            yield token
+    except TrackingError as err:
+        if type(err) is not TrackingError:
+            raise
+        raise RegistryError(str(err)) from None
 
 
 def _append_history(client, name: str, rm, record: dict) -> int:

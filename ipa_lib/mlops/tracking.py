@@ -16,8 +16,13 @@ server is probed on `/health` a bounded number of times (`tracking.max_retries`)
 any run starts; MLflow's own HTTP retries and timeout are bounded the same way
 (`MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `MLFLOW_HTTP_REQUEST_TIMEOUT`, user values win).
 
-There is no native link between MLflow and DVC (see shared/PITFALLS.md): each stage run is
-tagged with the git commit, the `dvc.lock` digest and the DVC hashes of its inputs.
+MLflow and DVC know nothing of each other (no MLflow field holds a DVC hash, and DVC does
+not record runs), so each stage run is tagged with the git commit, the `dvc.lock` digest and
+the DVC hashes of its inputs.
+
+Rounds are numbered `round-001`, `round-002`, ... from a counter tag on the experiment
+(`ipa.round_counter`), read and advanced under `store_lock`, so concurrent stages never get
+the same number and no query grows with the number of runs.
 
 Usage from a stage (3 lines)::
 
@@ -33,8 +38,6 @@ mlflow is imported inside the functions (`ipa --help` stays fast).
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import RuntimeFailure
-
 import contextlib
 import getpass
 import hashlib
@@ -48,7 +51,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,8 @@ from typing import Any
 import yaml
 
 from ipa_lib.core.config import Params, TrackingConfig, flatten
+from ipa_lib.core.errors import RuntimeFailure
+from ipa_lib.core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,10 @@ TAG_KIND = "ipa.kind"  # "round" | "stage"
 TAG_STAGE = "ipa.stage"
 TAG_ROUND = "ipa.round"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_ROUND_COUNTER = "ipa.round_counter"  # experiment tag: the number of the last auto-named round
+TAG_CONTEXT = "mlflow.data.context"  # dataset input tag MLflow's UI shows as the context
+ROUND_LOCK_TIMEOUT_S = 180.0  # wait this long for another stage numbering a round
+ROUND_LOCK_STALE_S = 120.0  # a round lock older than this was left by a crashed process
 
 
 class TrackingError(RuntimeFailure):
@@ -187,8 +196,16 @@ def configure(cfg: TrackingConfig | Params, root: str | Path | None = None, *, e
     elif uri == default_tracking_uri(root):
         (root / ".ipa" / "mlartifacts").mkdir(parents=True, exist_ok=True)
         artifact_location = default_artifact_location(root)
+    # mlflow.set_*_uri also export MLFLOW_*_URI, which would then outrank `tracking.uri` for every
+    # later configure() in this process: keep the environment as the user set it
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     if not experiment:
         return Tracker(uri=uri, experiment_id="", experiment=cfg.experiment, root=root, client=client)
@@ -318,9 +335,7 @@ def write_lineage(folder: str | Path, lineage: Mapping[str, Any]) -> Path:
     """Write `<folder>/lineage.json` (or the json file itself if `folder` ends in .json)."""
     folder = Path(folder)
     path = folder if folder.suffix == ".json" else folder / LINEAGE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(lineage), indent=2, sort_keys=True) + "\n")
-    return path
+    return atomic_write_json(path, dict(lineage))
 
 
 def _pick_lineage(lineage_in: Mapping | Sequence[Mapping | None] | None) -> dict | None:
@@ -411,26 +426,25 @@ class StageRun:
     def log_dataset(
         self, path: str | Path, name: str, context: str = "training", tags: Mapping[str, str] | None = None
     ) -> str | None:
-        """Record a dataset folder/file as an input of this run (`mlflow.log_input`).
+        """Record a dataset folder/file as an input of this run (`MlflowClient.log_inputs`).
 
         The digest is a sha256 over the files' paths and contents (lineage.json excluded),
         so the same data logged by two stages links the runs. Returns the full digest.
         """
         if not self.enabled:
             return None
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.tracking.fluent import _create_dataset_input
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         path = Path(path).resolve()
         info = tree_digest(path)
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": local either way
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(path))
-        ds = MetaDataset(source=source, name=name, digest=info["sha256"][:32])  # column is 36 chars
+        meta = MetaDataset(LocalArtifactDatasetSource(str(path)), name=name, digest=info["sha256"][:32])  # column: 36 chars
         input_tags = {"ipa.sha256": info["sha256"], "ipa.files": str(info["files"]), "ipa.bytes": str(info["bytes"])}
         input_tags.update(tags or {})
-        self.tracker.client.log_inputs(self.run_id, datasets=[_create_dataset_input(ds, context, input_tags)])
+        input_tags[TAG_CONTEXT] = context
+        dataset = DatasetInput(Dataset(**meta.to_dict()), [InputTag(k, str(v)) for k, v in input_tags.items()])
+        self.tracker.client.log_inputs(self.run_id, datasets=[dataset])
         return info["sha256"]
 
     def log_outputs(self, *paths: str | Path) -> dict[str, str]:
@@ -455,11 +469,103 @@ def _who() -> str:
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
+def _err_code(err: Exception) -> str:
+    return str(getattr(err, "error_code", ""))
+
+
+def _release_lock(client, lock: str, token: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        holder = client.get_registered_model(lock)
+        if holder.tags.get("ipa.lock.token") == token:
+            client.delete_registered_model(lock)
+    except MlflowException:
+        pass  # already gone
+
+
+@contextlib.contextmanager
+def store_lock(client, lock: str, what: str, timeout_s: float = 60.0, stale_s: float = 600.0,
+               poll_s: float = 0.25) -> Iterator[str]:
+    """Mutual exclusion between processes sharing an MLflow store, for `what` (a phrase for
+    the error message), through an atomic registry create: registered model `lock` is created
+    with a random token, an owner and a timestamp, and deleted on exit. Yields the token.
+
+    MLflow has no compare-and-set, but creating a registered model is atomic (its name is
+    unique in the registry database: a second creator gets RESOURCE_ALREADY_EXISTS). Others
+    wait up to `timeout_s` (then TrackingError); a lock older than `stale_s` was left by a
+    crashed process and is removed.
+    """
+    import random
+    from datetime import UTC, datetime
+
+    from mlflow.exceptions import MlflowException
+
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"ipa.lock.token": token, "ipa.lock.owner": _who(), "ipa.lock.acquired_at": repr(time.time())},
+                description=f"lock held during {what}; safe to delete if its owner died",
+            )
+            break
+        except MlflowException as err:
+            if "ALREADY_EXISTS" not in _err_code(err):
+                raise
+        try:
+            holder = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released in between: try again
+        if holder.tags.get("ipa.lock.token") == token:
+            break  # our create went through and a retry saw it
+        since = float(holder.tags.get("ipa.lock.acquired_at") or (holder.creation_timestamp or 0) / 1000)
+        if time.time() - since > stale_s:
+            _release_lock(client, lock, holder.tags.get("ipa.lock.token"))  # left by a crashed process
+            continue
+        if time.monotonic() > deadline:
+            raise TrackingError(
+                f"another {what} holds the lock {lock!r} (owner {holder.tags.get('ipa.lock.owner')}, "
+                f"since {datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}); "
+                f"retry later, or delete that registered model if its owner died"
+            )
+        time.sleep(poll_s * (0.5 + random.random()))
+    try:
+        yield token
+    finally:
+        _release_lock(client, lock, token)
+
+
+def _last_round_number(tracker: Tracker) -> int:
+    """The number of the newest auto-named round, for an experiment from before the counter tag."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        f"tags.`{TAG_KIND}` = 'round' and tags.`{TAG_ROUND}` LIKE 'round-%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    suffix = runs[0].data.tags[TAG_ROUND][len("round-") :] if runs else ""
+    return int(suffix) if suffix.isdigit() else 0
+
+
+def next_round_number(tracker: Tracker) -> int:
+    """Advance the experiment's round counter (tag `ipa.round_counter`) under `store_lock`; a
+    constant number of requests however many runs the experiment holds."""
+    client = tracker.client
+    lock = f"ipa-experiment-{tracker.experiment_id}.round-lock"
+    with store_lock(client, lock, f"round numbering in experiment {tracker.experiment!r}",
+                    ROUND_LOCK_TIMEOUT_S, ROUND_LOCK_STALE_S):
+        last = client.get_experiment(tracker.experiment_id).tags.get(TAG_ROUND_COUNTER, "")
+        n = (int(last) if last.isdigit() else _last_round_number(tracker)) + 1
+        client.set_experiment_tag(tracker.experiment_id, TAG_ROUND_COUNTER, str(n))
+    return n
+
+
 def _create_round(tracker: Tracker, params: Params | None, name: str | None, previous: str | None) -> tuple[str, str]:
     client = tracker.client
     if name is None:
-        n = len(client.search_runs([tracker.experiment_id], f"tags.`{TAG_KIND}` = 'round'", max_results=50000))
-        name = f"round-{n + 1:03d}"
+        name = f"round-{next_round_number(tracker):03d}"
     git = git_info(tracker.root)
     tags = {
         TAG_KIND: "round",

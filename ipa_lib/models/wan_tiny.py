@@ -8,7 +8,8 @@ downloaded: the tokenizer is a word-level `tokenizers` model wrapped in
 `PreTrainedTokenizerFast`, every network is randomly initialised from a fixed seed.
 
 Modules built from a config start in training mode (dropout on); everything is put in
-`.eval()` so a seeded generation is reproducible (see PITFALLS.md).
+`.eval()` so a seeded generation is reproducible (with dropout on it differs run to run
+even with a seeded generator).
 """
 
 from __future__ import annotations

@@ -20,14 +20,13 @@ inside the functions so `ipa --help` stays fast.
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import RuntimeFailure
-
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ipa_lib.core.config import ConfigError, Params, load_params
+from ipa_lib.core.config import ConfigError, Params
+from ipa_lib.core.errors import RuntimeFailure
 
 # (connect, read) seconds for every API call: an unreachable or hung server fails fast.
 DEFAULT_TIMEOUT: tuple[float, float] = (3.0, 10.0)
@@ -448,22 +447,6 @@ def render(report: PreflightReport, console=None) -> None:
                 style="bold red",
             )
         )
-
-
-def preflight_main(params_path: str, context: str | None = None) -> int:
-    """`ipa cluster preflight`: 0 when every check passes, 1 when one fails, 2 on bad params."""
-    from rich.console import Console
-    from rich.text import Text
-
-    console = Console()
-    try:
-        params = load_params(params_path)
-    except ConfigError as err:
-        console.print(Text(str(err), style="red"))
-        return 2
-    report = preflight(params, context=context)
-    render(report, console)
-    return 0 if report.ok else 1
 
 
 # --------------------------------------------------------------------------- image

@@ -22,9 +22,6 @@ line and return a non-zero exit code.
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import RuntimeFailure
-
-import contextlib
 import json
 import re
 import sys
@@ -36,6 +33,7 @@ import warnings
 from pathlib import Path
 
 from ipa_lib.core.config import ConfigError, Params, apply_override, load_params, parse_params
+from ipa_lib.core.errors import RuntimeFailure
 
 PARAMETERS = ("params_json", "betas", "base_model")
 HTTP_TIMEOUT_S = 10.0  # per request to the KFP API: connect + read
@@ -48,18 +46,22 @@ class PipelineError(RuntimeFailure):
 # ----------------------------------------------------------------------------- imports
 
 
-def repo_root() -> Path:
-    """The checkout holding `pipelines/` and `components/` (they are not part of the wheel)."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / "pipelines" / "ipa_round.py").is_file() and (root / "components" / "stages.py").is_file():
-            return root
-    raise PipelineError("pipelines/ipa_round.py not found: run `ipa pipeline` from a checkout of the ipa-align repository")
+PIPELINE_MODULES = ("pipelines.ipa_round", "components.stages")
 
 
 def _pipeline_module():
-    root = str(repo_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    """`pipelines.ipa_round`, installed next to ipa_lib (pyproject.toml ships the top-level
+    `pipelines` and `components` packages); an install without them is a PipelineError."""
+    import importlib.util
+
+    for name in PIPELINE_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its package is missing
+            found = False
+        if not found:
+            raise PipelineError(f"module {name} is not installed: this ipa-align install lacks pipelines/ and "
+                                "components/ (reinstall from a checkout: `pip install .`, or `pip install -e .`)")
     from pipelines import ipa_round
 
     return ipa_round
@@ -175,25 +177,35 @@ def check_host(host: str, timeout_s: float = HTTP_TIMEOUT_S) -> dict:
     return data
 
 
-@contextlib.contextmanager
-def bounded_kfp_requests(seconds: float):
-    """Give every request of kfp's generated HTTP client a (connect, read) timeout.
+def bounded_client(host: str, namespace: str, timeout_s: float):
+    """A `kfp.Client` whose every HTTP request has a (connect, read) timeout of `timeout_s`.
 
     kfp_server_api passes `timeout=None` to urllib3 unless a call sets `_request_timeout`,
     and kfp.Client never does, so a server that accepts and stays silent would block
-    forever. Patched on the class for the duration of the block, then restored."""
-    from kfp_server_api import rest
+    forever. The timeout goes on this instance's REST client (its service APIs share one
+    ApiClient), from the healthz request `__init__` makes on; kfp.Client, kfp_server_api
+    and every other client are untouched."""
+    import kfp
 
-    original = rest.RESTClientObject.request
+    class BoundedClient(kfp.Client):
+        def get_kfp_healthz(self, sleep_duration: int = 5):
+            # __init__ calls this (no namespace given) right after building its ApiClient
+            _bound_requests(self._healthz_api.api_client.rest_client, timeout_s)
+            return super().get_kfp_healthz(sleep_duration)
 
-    def request(self, method, url, *args, _request_timeout=None, **kwargs):
-        return original(self, method, url, *args, _request_timeout=_request_timeout or (seconds, seconds), **kwargs)
+    client = BoundedClient(host=host, namespace=namespace)
+    _bound_requests(client._healthz_api.api_client.rest_client, timeout_s)
+    return client
 
-    rest.RESTClientObject.request = request
-    try:
-        yield
-    finally:
-        rest.RESTClientObject.request = original
+
+def _bound_requests(rest_client, seconds: float) -> None:
+    """Make (seconds, seconds) the default `_request_timeout` of one kfp_server_api REST client."""
+    request = type(rest_client).request
+
+    def bounded(method, url, *args, _request_timeout=None, **kwargs):
+        return request(rest_client, method, url, *args, _request_timeout=_request_timeout or (seconds, seconds), **kwargs)
+
+    rest_client.request = bounded
 
 
 def submit(params: Params, arguments: dict, host: str, package: str | Path, *, experiment: str | None = None,
@@ -212,13 +224,12 @@ def submit(params: Params, arguments: dict, host: str, package: str | Path, *, e
     experiment = experiment or params.tracking.experiment
     run_name = run_name or f"ipa-round {time.strftime('%Y-%m-%d %H-%M-%S')}"
 
-    import kfp
     from kfp_server_api.exceptions import ApiException
 
     try:
-        with bounded_kfp_requests(timeout_s), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=host.rstrip("/"), namespace=namespace or "kubeflow")
+            client = bounded_client(host.rstrip("/"), namespace or "kubeflow", timeout_s)
             result = client.create_run_from_pipeline_package(
                 str(package), arguments=arguments, run_name=run_name, experiment_name=experiment,
                 namespace=namespace, service_account=params.pipeline.service_account,
@@ -252,35 +263,137 @@ def _package_is_current(params: Params, package: Path) -> bool:
 # ----------------------------------------------------------------------------- run-local
 
 
-def run_local(params: Params, arguments: dict, workdir: str | Path) -> dict:
-    """Run the round with `kfp.local` (every task a subprocess, outputs under `workdir`)."""
+LOCAL_IMAGE = "localhost/ipa-runtime:0.1.0"  # what `make image` builds
+RUNTIME_UID = 10001  # the image's user (components/Dockerfile); every container task runs as it
+PODMAN_HINT = ("start one: `apt-get install -y podman runc fuse-overlayfs`, then `scripts/podman.sh system service "
+               "--time 0 unix:///tmp/ipa-podman.sock &` and `export DOCKER_HOST=unix:///tmp/ipa-podman.sock` "
+               "(docs/containers.md), or use Docker")
+
+
+class _TaskLog:
+    """stdout tee that keeps what was printed since the last `Executing task` line, so a
+    failed task's log can go into the error (kfp.local only says which task failed)."""
+
+    def __init__(self, stream):
+        self.stream, self.lines = stream, []
+
+    def write(self, text: str) -> int:
+        if "Executing task" in text:
+            self.lines = []
+        self.lines.append(text)
+        return self.stream.write(text)
+
+    def tail(self, n: int = 60) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(self.lines))
+        return "\n".join(line.rstrip() for line in text.splitlines()[-n:] if line.strip())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _docker_runner(params: Params, arguments: dict, pipeline_root: Path, image: str):
+    """`kfp.local.DockerRunner` for the image: engine and image checked, the runtime uid,
+    host folders the tasks read mounted read-only at the same path, tracking in a SQLite
+    store under the pipeline root (no network) unless a tracking server is configured."""
+    import os
+
+    try:
+        import docker
+        from docker.types import Mount
+    except ImportError:
+        raise PipelineError("--runner docker needs the `docker` Python package (pip install docker)") from None
+    from kfp import local
+
+    from ipa_lib.mlops.tracking import default_tracking_uri, is_http
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as err:
+        raise PipelineError(f"no Docker API at {host} ({err}); {PODMAN_HINT}") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise PipelineError(f"image {image} is not in the engine at {host}: build it with `make image` "
+                            "(docs/containers.md), or pass --image") from None
+    finally:
+        client.close()
+    # kfp.local mounts the pipeline root at the same path; the tasks write there as RUNTIME_UID
+    if os.geteuid() == 0:
+        os.chown(pipeline_root, RUNTIME_UID, RUNTIME_UID)
+    else:  # a rootful engine keeps uid 10001, a rootless one maps it: either way it must write here
+        pipeline_root.chmod(0o777)
+    reads = [arguments["base_model"], params.sample.videos_dir, params.gate.hand_landmarker, params.backend.init_adapter]
+    mounts = [Mount(target=str(p), source=str(p), type="bind", read_only=True)
+              for p in sorted({Path(r).resolve() for r in reads if r and Path(r).exists()})]
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri or ""
+    if is_http(uri):  # the server as this machine sees it (127.0.0.1 included): the host's network
+        network = "host"
+        env.update({k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if k in os.environ})
+    else:  # the store every task shares: `<pipeline root>/.ipa/`, the default store of that folder
+        network, uri = "none", default_tracking_uri(pipeline_root)
+    env["MLFLOW_TRACKING_URI"] = uri
+    runner = local.DockerRunner(
+        user=f"{RUNTIME_UID}:{RUNTIME_UID}", working_dir=str(pipeline_root), network_mode=network,
+        environment={k: v for k, v in env.items() if v}, mounts=mounts,
+        # KFP's command replaces the image's ENTRYPOINT (`ipa`), as in a pod
+        entrypoint=["/usr/bin/env"],
+    )
+    return runner, uri
+
+
+def run_local(params: Params, arguments: dict, workdir: str | Path, runner: str = "subprocess",
+              image: str = LOCAL_IMAGE) -> dict:
+    """Run the round with `kfp.local`, outputs under `workdir`: every task a subprocess of this
+    Python (`runner="subprocess"`), or a container of `image` (`"docker"`: a Docker API at
+    `DOCKER_HOST`, e.g. podman's; `pipeline.image` and `pipeline.gpu_image` become `image`)."""
+    import contextlib
+
     from kfp import local
 
     workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "outputs"), raise_on_error=True)
+    pipeline_root = workdir / "outputs"
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    extra = {"runner": runner}
+    if runner == "docker":
+        params = params.model_copy(deep=True)
+        params.pipeline.image = params.pipeline.gpu_image = image  # kfp.local would pull the public tags
+        kfp_runner, uri = _docker_runner(params, arguments, pipeline_root, image)
+        extra.update(image=image, tracking_uri=uri)
+    elif runner == "subprocess":
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    else:
+        raise PipelineError(f"--runner {runner!r}: expected subprocess or docker")
+    local.init(runner=kfp_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
     pipeline = _pipeline_module().build_pipeline(params)
     started = time.time()
-    with warnings.catch_warnings():
+    log = _TaskLog(sys.stdout)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
         # the runtime image has no "python" in its name; the subprocess runner warns about it
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
             task = pipeline(**arguments)
         except RuntimeError as err:
             message = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # kfp.local colours task names
-            raise PipelineError(f"local run failed: {message} (task logs above; outputs under {workdir / 'outputs'})") from None
+            if runner == "subprocess":
+                raise PipelineError(f"local run failed: {message} (task logs above; outputs under {pipeline_root})") from None
+            raise PipelineError(f"local run failed: {message} (outputs under {pipeline_root}); "
+                                f"the failed task's log in its container ends with:\n{log.tail()}") from None
     out = task.outputs
     evaluation = Path(out["best_evaluation"].path)
     from ipa_lib.core.io import atomic_write_json, read_json
 
     summary = {
         "seconds": round(time.time() - started, 1),
-        "pipeline_root": str(workdir / "outputs"),
+        "pipeline_root": str(pipeline_root),
         "best_beta": out["best_beta"],
         "model_version": out["model_version"],
         "best_adapter": out["best_adapter"].path,
         "best_evaluation": str(evaluation),
         "eval": read_json(evaluation / "eval.json", "evaluation metrics"),
+        **extra,
     }
     atomic_write_json(workdir / "summary.json", summary)
     return summary
@@ -310,7 +423,8 @@ def main(args) -> int:
             return 0
         if cmd == "run-local":
             params, arguments = pipeline_arguments(params, getattr(args, "param", None), local=True)
-            summary = run_local(params, arguments, args.workdir)
+            summary = run_local(params, arguments, args.workdir, getattr(args, "runner", "subprocess"),
+                                getattr(args, "image", None) or LOCAL_IMAGE)
             print(json.dumps(summary, indent=2, sort_keys=True))
             return 0
         raise PipelineError(f"unknown pipeline command {cmd!r}")

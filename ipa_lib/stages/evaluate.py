@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ipa_lib.core.config import Params
+from ipa_lib.core.metrics import EVAL_METRICS
+from ipa_lib.core.results import EvalResult
 
-METRICS = ("hand_quality", "hand_pass_rate", "psnr", "ssim", "hand_psnr")
+METRICS = EVAL_METRICS  # the metric registry's evaluate-stage metrics (ipa_lib.core.metrics)
 
 
 def clip_metrics(video: np.ndarray, target: np.ndarray, hand_keypoints: np.ndarray, mask: np.ndarray, scorer, threshold: float) -> dict[str, float]:
@@ -49,11 +51,12 @@ def per_seed(rows: list[dict], model: str) -> dict[str, dict[str, float]]:
 
 
 def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
-             base_model: str | None = None, progress: bool = True) -> dict:
+             base_model: str | None = None, progress: bool = True) -> EvalResult:
     from ipa_lib.stages.common import load_start_backend as load_backend
     from ipa_lib.data.tensors import hand_masks
     from ipa_lib.core.io import atomic_dir, atomic_write_json, require_dir, save_npz
-    from ipa_lib.stages.sample import generate_clips, toy_conditions
+    from ipa_lib.data.toyworld import toy_conditions
+    from ipa_lib.models.generate import generate_clips
     from ipa_lib.data.toy_quality import ToyHandScorer
     from ipa_lib.data.visualize import side_by_side
 

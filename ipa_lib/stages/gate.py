@@ -60,7 +60,7 @@ def gate(params: Params, samples_dir: str | Path, out_dir: str | Path, progress:
 
     from ipa_lib.data.checks import check_or_raise
     from ipa_lib.core.io import atomic_dir, atomic_write_json, require_dir, save_npz
-    from ipa_lib.stages.sample import read_manifest
+    from ipa_lib.data.clip_store import read_manifest
 
     cfg = params.gate
     samples_dir = require_dir(samples_dir, "samples", "manifest.jsonl")

@@ -1,8 +1,8 @@
 """Pick the best run of a beta sweep (the pipeline's select-best step).
 
-`select_best` is the pure rule: the run with the highest `primary` metric (all metrics are
-higher-is-better, as in `registry.decide`); ties go to the earliest run; runs whose
-primary number is missing or not finite cannot win. `select_from_runs` applies it to the
+The rule itself is `ipa_lib.core.decisions.select_best` (the best `primary` metric by its
+registry direction; ties go to the earliest run; runs whose primary number is missing or
+not finite cannot win). `select_from_runs` applies it to the
 folders a sweep wrote (one evaluation folder and one adapter folder per beta) and copies
 the winner's folders out. Candidates are ordered by beta before selecting, so the result
 does not depend on the order in which a ParallelFor hands its outputs over.
@@ -10,43 +10,15 @@ does not depend on the order in which a ParallelFor hands its outputs over.
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ipa_lib.core.decisions import finite_number as _number, select_best
+
 EVAL_FILE = "eval.json"  # {"base": {...}, "ipa": {...}} inside an evaluation folder
 DETAILS_FILE = "details.json"  # written by the evaluate stage; carries "beta"
 TRAIN_SUMMARY = "train_summary.json"  # written by the train stage; carries "beta"
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def select_best(metrics: Sequence[Mapping[str, object]], primary: str) -> int:
-    """Index of the run with the highest `metrics[i][primary]`; the first one on ties.
-
-    Raises ValueError for an empty list, or when no run has a finite `primary` number
-    (the message names the metric and what each run had).
-    """
-    if not metrics:
-        raise ValueError("select-best: no runs to choose from")
-    best, best_value = -1, -math.inf
-    for i, m in enumerate(metrics):
-        v = _number(m.get(primary)) if isinstance(m, Mapping) else None
-        if v is not None and v > best_value:
-            best, best_value = i, v
-    if best < 0:
-        seen = [m.get(primary, "<missing>") if isinstance(m, Mapping) else type(m).__name__ for m in metrics]
-        raise ValueError(f"select-best: no run has a finite {primary!r} (got {seen})")
-    return best
 
 
 def _read(path: Path, what: str) -> dict:
@@ -171,6 +143,6 @@ def evaluation_html(result: Mapping, image: str | Path | None, title: str = "Eva
 
 def decision_markdown(decision) -> str:
     """A registry promotion decision (`registry.Decision`) as Markdown for the KFP UI."""
-    from ipa_lib.stages.registry_cmds import format_decision
+    from ipa_lib.core.decisions import format_decision
 
     return f"## Promotion: {decision.action}\n\n```\n{format_decision(decision)}\n```\n"

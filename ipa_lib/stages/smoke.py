@@ -18,7 +18,19 @@ from typing import Callable
 
 import torch
 
+from ipa_lib.core.errors import RuntimeFailure
+
 BACKENDS = ("wan-animate", "toy")
+
+
+class SmokeCheckFailed(RuntimeFailure):
+    """A smoke check found the backend breaking its contract."""
+
+
+def require(ok: object, message: str) -> None:
+    """A smoke check: raise SmokeCheckFailed(message) unless `ok` (works under `python -O`, unlike assert)."""
+    if not ok:
+        raise SmokeCheckFailed(message)
 
 
 class _Checks:
@@ -46,9 +58,9 @@ def _expect_error(fn: Callable[[], object], *words: str) -> str:
         msg = str(err)
         missing = [w for w in words if w.lower() not in msg.lower()]
         if missing:
-            raise AssertionError(f"error does not mention {missing}: {msg}") from None
+            raise SmokeCheckFailed(f"error does not mention {missing}: {msg}") from None
         return msg.splitlines()[0][:110]
-    raise AssertionError("no error raised")
+    raise SmokeCheckFailed("no error raised")
 
 
 def _build(backend: str):
@@ -57,8 +69,8 @@ def _build(backend: str):
         from ipa_lib.models.wan_tiny import tiny_batch
 
         return WanAnimateBackend.tiny(), tiny_batch(batch_size=2)
-    from ipa_lib.models.toy import ToyBackend, build_transformer
     from ipa_lib.core.config import ModelConfig
+    from ipa_lib.models.toy import ToyBackend, build_transformer
     from ipa_lib.models.wan_tiny import tiny_batch
 
     return ToyBackend(build_transformer(ModelConfig())), tiny_batch(batch_size=2, frames=5, size=32)
@@ -70,16 +82,16 @@ def _fresh_copy(backend: str, be):
         from ipa_lib.models.wan_animate import WanAnimateBackend
 
         return WanAnimateBackend.tiny()
-    from ipa_lib.models.toy import ToyBackend, build_transformer
     from ipa_lib.core.config import ModelConfig
+    from ipa_lib.models.toy import ToyBackend, build_transformer
 
     return ToyBackend(build_transformer(ModelConfig()))
 
 
 def run_smoke(backend: str = "wan-animate", steps: int = 6, out: Callable[[str], None] = print) -> list[str]:
     """Run every check; return the names of the failed ones (empty = all passed)."""
-    from ipa_lib.models.base import AnimationBackend
     from ipa_lib.core.config import TrainConfig
+    from ipa_lib.models.base import AnimationBackend
     from ipa_lib.stages.train import compute_loss
 
     if backend not in BACKENDS:
@@ -101,20 +113,20 @@ def run_smoke(backend: str = "wan-animate", steps: int = 6, out: Callable[[str],
     B, _, F, H, W = batch["video"].shape
 
     def protocol():
-        assert isinstance(be, AnimationBackend), "does not implement AnimationBackend"
+        require(isinstance(be, AnimationBackend), "does not implement AnimationBackend")
         x0 = be.encode(batch["video"])
         m = be.mask_to_latent(batch["hand_mask"])
-        assert m.shape == (x0.shape[0], *x0.shape[2:]), f"mask {tuple(m.shape)} vs latents {tuple(x0.shape)}"
+        require(m.shape == (x0.shape[0], *x0.shape[2:]), f"mask {tuple(m.shape)} vs latents {tuple(x0.shape)}")
         return f"latents {tuple(x0.shape)}, latent hand mask {tuple(m.shape)}"
 
     check("protocol: encode / mask_to_latent shapes", protocol)
 
     def generate():
         clip = be.generate(batch, torch.Generator().manual_seed(0), 2)
-        assert clip.shape == (B, 3, F, H, W), f"shape {tuple(clip.shape)} != {(B, 3, F, H, W)}"
-        assert torch.isfinite(clip).all() and clip.min() >= -1 and clip.max() <= 1, "values outside [-1, 1]"
+        require(clip.shape == (B, 3, F, H, W), f"shape {tuple(clip.shape)} != {(B, 3, F, H, W)}")
+        require(torch.isfinite(clip).all() and clip.min() >= -1 and clip.max() <= 1, "values outside [-1, 1]")
         again = be.generate(batch, torch.Generator().manual_seed(0), 2)
-        assert torch.equal(clip, again), "same seed gave a different clip"
+        require(torch.equal(clip, again), "same seed gave a different clip")
         return f"{tuple(clip.shape)} in [{clip.min():.2f}, {clip.max():.2f}], reproducible"
 
     check("generate a clip (2 steps)", generate)
@@ -152,8 +164,8 @@ def run_smoke(backend: str = "wan-animate", steps: int = 6, out: Callable[[str],
             opt.step()
             losses.append(loss.item())
             accs.append(stats.get("implicit_acc", float("nan")))
-        assert all(torch.equal(p, frozen[n]) for n, p in be.transformer.named_parameters() if n in frozen), "base weights moved"
-        assert losses[-1] < losses[0], f"loss did not decrease: {losses}"
+        require(all(torch.equal(p, frozen[n]) for n, p in be.transformer.named_parameters() if n in frozen), "base weights moved")
+        require(losses[-1] < losses[0], f"loss did not decrease: {losses}")
         state["trained"] = True
         return f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps, implicit acc {accs[-1]:.2f}, base frozen"
 
@@ -168,8 +180,8 @@ def run_smoke(backend: str = "wan-animate", steps: int = 6, out: Callable[[str],
             with be.reference_model():
                 ref = be.predict_velocity(x0, t, cond)
             pol2 = be.predict_velocity(x0, t, cond)
-        assert not torch.equal(pol, ref), "policy == reference after training"
-        assert torch.equal(pol, pol2), "adapters not restored after reference_model()"
+        require(not torch.equal(pol, ref), "policy == reference after training")
+        require(torch.equal(pol, pol2), "adapters not restored after reference_model()")
         return f"|policy - reference| max {(pol - ref).abs().max():.3g}, adapters restored"
 
     if state.get("trained"):
@@ -206,9 +218,9 @@ def run_smoke(backend: str = "wan-animate", steps: int = 6, out: Callable[[str],
                 theirs = fresh.generate(batch, gen(), 2)
                 how = "fresh backend.load_adapter"
             diff = (ours - theirs).abs().max().item()
-            assert diff <= 1e-5, f"reloaded output differs by {diff}"
+            require(diff <= 1e-5, f"reloaded output differs by {diff}")
             delta = (base - theirs).abs().max().item()
-            assert delta > 0, "adapter changed nothing"
+            require(delta > 0, "adapter changed nothing")
             return f"{how}: max |diff| {diff:.1e} vs trained, {delta:.3g} vs base"
 
         if (path / "pytorch_lora_weights.safetensors").exists():

@@ -8,8 +8,6 @@ resumed from a checkpoint replays exactly the steps an uninterrupted run would t
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import RuntimeFailure
-
 import json
 import math
 import os
@@ -22,6 +20,8 @@ import numpy as np
 import torch
 
 from ipa_lib.core.config import Params, TrainConfig
+from ipa_lib.core.errors import RuntimeFailure
+from ipa_lib.core.results import TrainResult
 
 
 class TrainingDiverged(RuntimeFailure):
@@ -109,8 +109,8 @@ class TrainData:
 def load_train_data(gated_dir: str | Path, loss: str) -> TrainData:
     """IPA/SFT learn from the kept set; KTO from kept (desirable) + rejected (undesirable);
     DPO from best-vs-worst pairs of samples that share a driving pose."""
-    from ipa_lib.data.tensors import hand_masks
     from ipa_lib.core.io import load_npz, require_dir
+    from ipa_lib.data.tensors import hand_masks
 
     gated_dir = require_dir(gated_dir, "gated samples", "kept.npz")
     kept = load_npz(gated_dir / "kept.npz")
@@ -202,9 +202,13 @@ def load_checkpoint(backend, optimizer, path: Path) -> tuple[int, list[dict]]:
 # ---- the loop --------------------------------------------------------------------------
 
 def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+          resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          metrics_path: str | Path | None = None, curve_path: str | Path | None = None) -> TrainResult:
     """Train a LoRA adapter with `params.train.loss` and write it (diffusers LoRA format) to `out_dir`.
 
+    Writes `out_dir` (adapter, summary, log, curve plot) and, when given, `metrics_path` (summary +
+    final diagnostics) and `curve_path` (the logged steps): the files DVC declares as metrics and
+    plots (`train.metrics`, `train.curve` for `ipa train`).
     `stop_after` ends the process's work after that many steps without writing `out_dir`,
     leaving only checkpoints (what a killed run leaves); `resume=True` continues from the
     latest checkpoint.
@@ -212,9 +216,10 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from ipa_lib.stages.common import load_start_backend as load_backend
-    from ipa_lib.models.lora import lora_parameters
     from ipa_lib.core.io import atomic_dir, atomic_write_json
+    from ipa_lib.data.visualize import plot_curve
+    from ipa_lib.models.lora import lora_parameters
+    from ipa_lib.stages.common import load_start_backend as load_backend
 
     cfg = params.train
     out_dir = Path(out_dir)
@@ -270,8 +275,23 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
         "final": log[-1] if log else {},
         "trainable_params": sum(p.numel() for p in trainable),
     }
+    result: TrainResult = {**summary, "log": log}
     with atomic_dir(out_dir) as tmp:
         backend.save_adapter(tmp)
         atomic_write_json(tmp / "train_summary.json", summary)
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    return {**summary, "log": log}
+        plot_curve(tmp / "train_curve.png", log, title=f"train[{cfg.loss}] beta={cfg.beta} lambda={cfg.hand_weight}")
+    write_train_metrics(result, metrics_path, curve_path)
+    return result
+
+
+def write_train_metrics(result: TrainResult, metrics_path: str | Path | None, curve_path: str | Path | None) -> None:
+    """The run's summary + final diagnostics (`metrics_path`) and its logged steps (`curve_path`),
+    each written atomically when its path is given."""
+    from ipa_lib.core.io import atomic_write_json
+    from ipa_lib.core.results import train_metrics
+
+    if curve_path is not None:
+        atomic_write_json(curve_path, result["log"])
+    if metrics_path is not None:
+        atomic_write_json(metrics_path, train_metrics(result))

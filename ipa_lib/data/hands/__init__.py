@@ -5,7 +5,7 @@
 - `layouts`:    driving-pose keypoint layouts -> MediaPipe (..., 2, 21, 3).
 - `masks`:      hand masks from keypoints/detections, pixel grid -> Wan latent grid.
 - `quality`:    `MediaPipeHandScorer`, the gate's real scorer.
-- `detect_cli`: `ipa hands detect`.
+- `detect`: detection over a batch of images and videos (`ipa hands detect`).
 
 Submodules are imported on use: mediapipe and torch load only when needed.
 """

