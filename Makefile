@@ -11,12 +11,17 @@ export DO_NOT_TRACK := true
 
 setup: $(VENV)/.installed
 
-# torch first: this machine's pip finds the local CPU wheel; a newer torch would pull CUDA wheels
-$(VENV)/.installed: pyproject.toml requirements.lock
+# torch first, alone: this machine's pip finds the local CPU wheel (a newer torch would pull CUDA
+# wheels); its file differs per variant, so the locks pin its dependencies but not torch itself.
+# Then everything else from the hash-pinned locks (runtime + [cluster,wan] + [test]; scripts/lock.sh
+# re-resolves them), then ipa-align itself without dependency resolution.
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-test.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/pip install -q --no-deps torch==2.13.0
+	$(BIN)/pip install -q --require-hashes -r requirements-test.lock
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	$(BIN)/ipa hands model fetch
 	touch $@
 
@@ -32,7 +37,7 @@ test: setup
 seeds: setup
 	$(BIN)/python scripts/seeds_table.py --seeds 0 1 2 --out docs/seeds.md
 
-## redo the frozen pretraining stage (~2.5 h on 2 CPU cores; minutes on a GPU)
+## redo the frozen pretraining stage (~3 h on 2 CPU cores, estimated; 377 s on an H100)
 pretrain: setup
 	$(BIN)/dvc unfreeze pretrain && $(BIN)/dvc repro pretrain; $(BIN)/dvc freeze pretrain
 

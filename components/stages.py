@@ -6,9 +6,10 @@ with `install_kfp_package=False`: the image already carries ipa_lib, kfp and eve
 dependency, so pods need no network. KFP serializes each function's source into the
 pipeline, so everything a function uses is imported inside its body.
 
-Every component takes the whole validated parameter set as `params_json` (from
-params.yaml, see `ipa_lib.orchestration.kfp`) and parses it with `ipa_lib.core.config.parse_params`,
-so a task means what the same DVC stage means. Like `ipa <stage>`, every stage runs in its
+Every stage takes the whole validated parameter set as `params_json` and parses it with
+`ipa_lib.core.config.parse_params`, so a task means what the same DVC stage means: the
+pipeline's `params_json` (params.yaml, see `ipa_lib.orchestration.kfp`) with its typed
+parameters (train steps, lr, ...) applied by `resolve_params`, the first task. Like `ipa <stage>`, every stage runs in its
 MLflow stage run (`ipa_lib.mlops.tracking.tracked_stage`); the lineage file each output carries
 puts all stages of one pipeline run, and its registered version, under one round run.
 """
@@ -20,7 +21,24 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def sample(params_json: str, base_model: str, samples: Output[Dataset]):
+def resolve_params(params_json: str, train_steps: int, train_lr: float, hand_weight: float, num_clips: int,
+                   gate_threshold: float, gate_top_k: int, init_adapter: str, params: Output[Artifact]) -> str:
+    """`params_json` with the typed pipeline parameters applied and validated: every task's params,
+    returned as a string and also written to the `params` artifact (params.json) for the tasks
+    inside the beta sweep (kfp.local replaces a task-output parameter fed into a ParallelFor with the
+    loop item; artifacts pass through)."""
+    from pathlib import Path
+
+    from ipa_lib.orchestration.kfp import resolve_params as run
+
+    resolved = run(params_json, {"train_steps": train_steps, "train_lr": train_lr, "hand_weight": hand_weight,
+                                 "num_clips": num_clips, "gate_threshold": gate_threshold, "gate_top_k": gate_top_k,
+                                 "init_adapter": init_adapter})
+    Path(params.path).write_text(resolved)
+    return resolved
+
+
+def sample(params_json: str, base_model: str, kfp_run_id: str, samples: Output[Dataset]):
     """Sample clips from the base model (+ `backend.init_adapter`): shard + manifest."""
     import json
 
@@ -30,7 +48,7 @@ def sample(params_json: str, base_model: str, samples: Output[Dataset]):
 
     params = parse_params(json.loads(params_json), "params_json")
     result = tracked_stage(params, "sample", lambda p: run(p, samples.path, base_model, progress=False),
-                           inputs=[], output=samples.path)
+                           inputs=[], output=samples.path, round_tags={"ipa.kfp.run_id": kfp_run_id})
     samples.metadata.update(result)
 
 
@@ -50,27 +68,31 @@ def gate(params_json: str, samples: Input[Dataset], gated: Output[Dataset], repo
     shutil.copy(f"{gated.path}/report.md", report.path)
 
 
-def train(params_json: str, beta: float, base_model: str, gated: Input[Dataset], adapter: Output[Model], metrics: Output[Metrics]):
+def train(params: Input[Artifact], beta: float, base_model: str, kfp_run_id: str, gated: Input[Dataset], adapter: Output[Model],
+          metrics: Output[Metrics]):
     """LoRA alignment with `train.loss` at this `beta`: adapter (diffusers LoRA format) + log."""
     import json
+    from pathlib import Path
 
     from ipa_lib.core.config import parse_params
     from ipa_lib.mlops.tracking import tracked_stage
     from ipa_lib.stages.train import train as run
 
-    params = parse_params(json.loads(params_json), "params_json")
+    params = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
     params.train.beta = beta  # validated on assignment (> 0)
     summary = tracked_stage(params, "train", lambda p: run(p, gated.path, adapter.path, base_model, progress=False,
                                                           # the metrics/train*.json of a DVC run, inside the artifact
                                                           metrics_path=f"{adapter.path}/train_metrics.json",
                                                           curve_path=f"{adapter.path}/train_curve.json"),
-                            inputs=[(gated.path, "gated-samples")], output=adapter.path, dvc_stage=f"train@{beta:g}")
+                            inputs=[(gated.path, "gated-samples")], output=adapter.path, dvc_stage=f"train@{beta:g}",
+                            # a retry opens a new round (train@beta ran in this one): tag it too
+                            round_tags={"ipa.kfp.run_id": kfp_run_id})
     for k, v in summary["final"].items():
         metrics.log_metric(f"train/{k}", v)
     adapter.metadata.update({"beta": beta, "loss": summary["loss"], "steps": summary["steps"]})
 
 
-def evaluate(params_json: str, beta: float, base_model: str, adapter: Input[Model],
+def evaluate(params: Input[Artifact], beta: float, base_model: str, adapter: Input[Model],
              evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[HTML]):
     """Base vs aligned on held-out poses: eval.json + per-clip rows + side-by-side strip."""
     import json
@@ -81,7 +103,7 @@ def evaluate(params_json: str, beta: float, base_model: str, adapter: Input[Mode
     from ipa_lib.stages.select import eval_metric_items, evaluation_html
     from ipa_lib.mlops.tracking import tracked_stage
 
-    params = parse_params(json.loads(params_json), "params_json")
+    params = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
     params.train.beta = beta
     result = tracked_stage(params, "evaluate", lambda p: run(p, adapter.path, evaluation.path, f"{evaluation.path}/eval.json", base_model, progress=False),
                            inputs=[(adapter.path, "adapter")], output=evaluation.path, dvc_stage=f"evaluate@{beta:g}")
@@ -150,7 +172,21 @@ def promote(params_json: str, version: int, report: Output[Markdown]) -> NamedTu
     return (decision.promote, decision.reason)
 
 
-STAGES = (sample, gate, train, evaluate, select_best, register, decide_promotion, promote)
+def record_failure(params_json: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> str:
+    """Exit handler: when the run did not succeed, mark its MLflow round run(s) FAILED, naming the failed task."""
+    import json
+
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.mlops.tracking import fail_round
+
+    if status.state == "SUCCEEDED":
+        return "succeeded"
+    reason = f"KFP run {status.state}: {status.pipeline_task_name}: {status.error_message or 'no message'}"
+    rounds = fail_round(parse_params(json.loads(params_json), "params_json"), kfp_run_id, reason)
+    return json.dumps(rounds) if rounds else f"no round run is tagged ipa.kfp.run_id={kfp_run_id} ({reason})"
+
+
+STAGES = (resolve_params, sample, gate, train, evaluate, select_best, register, decide_promotion, promote, record_failure)
 GPU_STAGES = (train,)
 
 

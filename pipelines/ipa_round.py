@@ -1,38 +1,43 @@
 """The KFP v2 pipeline of one alignment round.
 
-    sample -> gate -> ParallelFor(beta in betas: train -> evaluate) -> select-best
-        -> register -> decide-promotion -> If(decision == promote): promote
+    ExitHandler(record-failure) {
+        resolve-params -> sample -> gate -> ParallelFor(beta in betas: train -> evaluate)
+            -> select-best -> register -> decide-promotion -> If(decision == promote): promote }
 
 `build_pipeline(params)` returns the @dsl.pipeline function. Its parameters are
-`params_json` (the whole validated params.yaml as JSON), `betas` (the sweep) and
-`base_model` (folder of the base model; on the workspace PVC in the cluster); their
-defaults come from `params`. Cluster settings (images, GPU pool, PVC, secret, retries,
-caching) are compile-time and also come from `params.pipeline`. `kfp.local` ignores the
-Kubernetes settings and runs the same DAG.
+`params_json` (the whole validated params.yaml as JSON), `betas` (the sweep), the typed
+knobs of `ipa_lib.orchestration.kfp.TYPED_PARAMETERS` (train steps, lr, hand weight, clips,
+gate threshold and top-k, init adapter), which `resolve-params` applies onto params_json for
+every later task, and `base_model` (folder of the base model; on the workspace PVC in the
+cluster); their defaults come from `params`. Cluster settings (images, GPU pool or
+`cpu_only`, PVC, secrets, image pull secrets, retries, timeouts, caching) are compile-time
+and also come from `params.pipeline`. `record-failure` runs after everything: when the run
+failed it marks the round's MLflow run FAILED, naming the failed task. `kfp.local` ignores
+the Kubernetes settings and runs the same DAG.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline function's real annotations
 
-import json
 from pathlib import PurePosixPath
-from typing import NamedTuple
 
 from ipa_lib.core.config import Params
+from ipa_lib.orchestration.kfp import canonical_json, typed_values
 
 PIPELINE_NAME = "ipa-round"
 # tasks that talk to MLflow: every stage logs its stage run (sample may also start from
-# `backend.init_adapter`, a models:/ URI); select-best only copies files
-MLFLOW_TASKS = ("sample", "gate", "train", "evaluate", "register", "decide-promotion", "promote")
+# `backend.init_adapter`, a models:/ URI), the exit handler marks a failed round; select-best
+# only copies files
+MLFLOW_TASKS = ("sample", "gate", "train", "evaluate", "register", "decide-promotion", "promote", "record-failure")
 # tasks that read the base model from the workspace PVC
 PVC_TASKS = ("sample", "train", "evaluate", "register")
 # tasks never served from cache: sampling and training (inputs do not pin the data
-# version), and everything that writes to the model registry
-NO_CACHE_TASKS = ("sample", "train", "register", "decide-promotion", "promote")
+# version), everything that writes to the model registry, and the exit handler
+NO_CACHE_TASKS = ("sample", "train", "register", "decide-promotion", "promote", "record-failure")
 
 
 def params_json(params: Params) -> str:
     """The pipeline's `params_json` argument: canonical JSON of the validated params."""
-    return json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return canonical_json(params)
 
 
 def cluster_base_model(params: Params) -> str:
@@ -59,26 +64,30 @@ def _mlflow_env(task, pc) -> None:
 
 
 def _configure(task, name: str, pc) -> None:
-    """Per-task cluster settings: caching, workspace PVC, MLflow secret."""
+    """Per-task cluster settings: caching, timeout, image pull secrets, workspace PVC, MLflow secret."""
     from kfp import kubernetes
 
     task.set_caching_options(name not in NO_CACHE_TASKS)
+    kubernetes.set_timeout(task, pc.task_timeout_s[name])  # the pod's activeDeadlineSeconds
+    if pc.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(pc.image_pull_secrets))
     if name in PVC_TASKS:
         kubernetes.mount_pvc(task, pvc_name=pc.pvc_name, mount_path=pc.mount_path)
     if name in MLFLOW_TASKS:
         _mlflow_env(task, pc)
 
 
-def _gpu_pool(task, pc) -> None:
-    """The training pod: GPU node pool, resources, retries, in-memory /dev/shm."""
+def _train_pod(task, pc) -> None:
+    """The training pod: GPU node pool (unless `cpu_only`), resources, retries, in-memory /dev/shm."""
     from kfp import kubernetes
 
-    task.set_accelerator_type(pc.accelerator_type)
-    task.set_accelerator_limit(pc.accelerator_limit)
-    for key, value in sorted(pc.node_selector.items()):
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    # every effect of the GPU taint (GKE: nvidia.com/gpu=present:NoSchedule), as k8s/README.md says
-    kubernetes.add_toleration(task, key=pc.gpu_toleration_key, operator="Exists")
+    if not pc.cpu_only:
+        task.set_accelerator_type(pc.accelerator_type)
+        task.set_accelerator_limit(pc.accelerator_limit)
+        for key, value in sorted(pc.node_selector.items()):
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        # every effect of the GPU taint (GKE: nvidia.com/gpu=present:NoSchedule), as k8s/README.md says
+        kubernetes.add_toleration(task, key=pc.gpu_toleration_key, operator="Exists")
     task.set_cpu_request(pc.cpu_request)
     task.set_cpu_limit(pc.cpu_limit)
     task.set_memory_request(pc.memory_request)
@@ -93,55 +102,64 @@ def _gpu_pool(task, pc) -> None:
 def build_pipeline(params: Params):
     """The round as a @dsl.pipeline function, defaults and cluster settings from `params`."""
     from kfp import dsl
-    from kfp.dsl import Artifact, Model
 
     from components.stages import build
 
     pc = params.pipeline
-    c = build(pc.image, pc.gpu_image)
+    c = build(pc.image, pc.image if pc.cpu_only else pc.gpu_image)
     default_params, default_betas, default_base = params_json(params), list(pc.betas), cluster_base_model(params)
+    t = typed_values(params)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
         description="One IPA alignment round: sample, gate, sweep beta (train + evaluate on the GPU pool), "
                     "select the best, register it in MLflow, promote it only when it beats the champion.",
     )
-    def ipa_round(params_json: str = default_params, betas: list = default_betas, base_model: str = default_base
-                  ) -> NamedTuple("Outputs", [("best_beta", float), ("best_adapter", Model), ("best_evaluation", Artifact),
-                                              ("model_version", int)]):
-        sampled = c["sample"](params_json=params_json, base_model=base_model)
-        _configure(sampled, "sample", pc)
-        gated = c["gate"](params_json=params_json, samples=sampled.outputs["samples"])
-        _configure(gated, "gate", pc)
+    def ipa_round(params_json: str = default_params, betas: list = default_betas,
+                  train_steps: int = t["train_steps"], train_lr: float = t["train_lr"],
+                  hand_weight: float = t["hand_weight"], num_clips: int = t["num_clips"],
+                  gate_threshold: float = t["gate_threshold"], gate_top_k: int = t["gate_top_k"],
+                  base_model: str = default_base, init_adapter: str = t["init_adapter"]):
+        # runs last, whatever happened; needs no task output (the round is found by its tag)
+        failed = c["record_failure"](params_json=params_json, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        _configure(failed, "record-failure", pc)
+        with dsl.ExitHandler(failed, name="round"):
+            resolved = c["resolve_params"](params_json=params_json, train_steps=train_steps, train_lr=train_lr,
+                                           hand_weight=hand_weight, num_clips=num_clips, gate_threshold=gate_threshold,
+                                           gate_top_k=gate_top_k, init_adapter=init_adapter)
+            _configure(resolved, "resolve-params", pc)
+            p = resolved.outputs["Output"]  # every later task's params: its cache key includes all of them
+            p_artifact = resolved.outputs["params"]  # the same, for the tasks inside the sweep
+            sampled = c["sample"](params_json=p, base_model=base_model, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+            _configure(sampled, "sample", pc)
+            gated = c["gate"](params_json=p, samples=sampled.outputs["samples"])
+            _configure(gated, "gate", pc)
 
-        with dsl.ParallelFor(items=betas, name="beta-sweep") as beta:
-            trained = c["train"](params_json=params_json, beta=beta, base_model=base_model,
-                                 gated=gated.outputs["gated"])
-            _configure(trained, "train", pc)
-            _gpu_pool(trained, pc)
-            evaluated = c["evaluate"](params_json=params_json, beta=beta, base_model=base_model,
-                                      adapter=trained.outputs["adapter"])
-            _configure(evaluated, "evaluate", pc)
+            with dsl.ParallelFor(items=betas, name="beta-sweep") as beta:
+                trained = c["train"](params=p_artifact, beta=beta, base_model=base_model,
+                                     kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gated=gated.outputs["gated"])
+                _configure(trained, "train", pc)
+                _train_pod(trained, pc)
+                evaluated = c["evaluate"](params=p_artifact, beta=beta, base_model=base_model,
+                                          adapter=trained.outputs["adapter"])
+                _configure(evaluated, "evaluate", pc)
 
-        best = c["select_best"](params_json=params_json, adapters=dsl.Collected(trained.outputs["adapter"]),
-                                evaluations=dsl.Collected(evaluated.outputs["evaluation"]))
-        _configure(best, "select-best", pc)
-        registered = c["register"](params_json=params_json, base_model=base_model, adapter=best.outputs["best_adapter"],
-                                   evaluation=best.outputs["best_evaluation"])
-        _configure(registered, "register", pc)
-        decided = c["decide_promotion"](params_json=params_json, version=registered.outputs["Output"])
-        _configure(decided, "decide-promotion", pc)
-        # dsl.If is kfp 2.x's name for dsl.Condition (deprecated alias, same IR: a trigger
-        # condition). The decision is the task's single output: kfp.local resolves conditions
-        # on `<task>-Output` channels only.
-        with dsl.If(decided.outputs["Output"] == True, name="only-when-better"):  # noqa: E712 (a pipeline expression)
-            promoted = c["promote"](params_json=params_json, version=registered.outputs["Output"])
-            _configure(promoted, "promote", pc)
-
-        outputs = NamedTuple("Outputs", [("best_beta", float), ("best_adapter", Model), ("best_evaluation", Artifact),
-                                         ("model_version", int)])
-        return outputs(best.outputs["beta"], best.outputs["best_adapter"], best.outputs["best_evaluation"],
-                       registered.outputs["Output"])
+            best = c["select_best"](params_json=p, adapters=dsl.Collected(trained.outputs["adapter"]),
+                                    evaluations=dsl.Collected(evaluated.outputs["evaluation"]))
+            _configure(best, "select-best", pc)
+            registered = c["register"](params_json=p, base_model=base_model, adapter=best.outputs["best_adapter"],
+                                       evaluation=best.outputs["best_evaluation"])
+            _configure(registered, "register", pc)
+            decided = c["decide_promotion"](params_json=p, version=registered.outputs["Output"])
+            _configure(decided, "decide-promotion", pc)
+            # dsl.If is kfp 2.x's name for dsl.Condition (deprecated alias, same IR: a trigger
+            # condition). The decision is the task's single output: kfp.local resolves conditions
+            # on `<task>-Output` channels only.
+            with dsl.If(decided.outputs["Output"] == True, name="only-when-better"):  # noqa: E712 (a pipeline expression)
+                promoted = c["promote"](params_json=p, version=registered.outputs["Output"])
+                _configure(promoted, "promote", pc)
+        # no pipeline outputs: KFP returns none from inside an ExitHandler. The results are
+        # select-best's (beta, best_adapter, best_evaluation) and register's (version).
 
     return ipa_round
 

@@ -43,7 +43,7 @@ else
 fi
 
 args=(bud --isolation chroot "${STORAGE[@]}" --layers -f components/Dockerfile -t "$IMAGE"
-      --build-arg "PYTHON_IMAGE=$BASE")
+      --build-arg "PYTHON_IMAGE=$BASE" --label "ipa.source-digest=$(source_digest)")
 if [ -s "$CA_BUNDLE" ]; then
     args+=(--secret "id=ca_bundle,src=$CA_BUNDLE")
 fi

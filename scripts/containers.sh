@@ -4,7 +4,8 @@
 #             overlay through fuse-overlayfs when it is installed (layers are diffs), else vfs
 #             (every layer and every container is a full copy of the image: many GB per build);
 #             override with STORAGE_DRIVER=vfs|overlay and STORAGE_OPTS.
-#   CONTAINERS_CONF  (default .ipa/containers.conf, written if missing) runtime runc and no default rlimits (crun fails on
+#   CONTAINERS_CONF  (default .ipa/containers.conf, written if missing): runtime runc and no
+#             default rlimits (crun fails on
 #             hybrid cgroups; setting rlimits is refused in unprivileged sandboxes).
 _here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -z "${STORAGE_DRIVER:-}" ]; then
@@ -20,3 +21,11 @@ if [ ! -e "$CONTAINERS_CONF" ]; then  # written once; an existing file (yours) i
     mkdir -p "$(dirname "$CONTAINERS_CONF")"
     printf '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' > "$CONTAINERS_CONF"
 fi
+
+# The sources an image was built from, as one digest: `make image` stores it as the image label
+# ipa.source-digest, and tests/test_container.py skips an image built from other sources (stale).
+source_digest() {
+    (cd "$(git rev-parse --show-toplevel 2>/dev/null || pwd)" \
+        && find ipa_lib components pipelines -name '*.py' -o -name Dockerfile | LC_ALL=C sort \
+        | xargs sha256sum; sha256sum pyproject.toml requirements.lock) | sha256sum | cut -c1-16
+}

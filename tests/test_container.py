@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-from hands_fixtures import real_dir  # noqa: F401
+from hands_fixtures import PHOTOS, real_dir
 from test_pipeline_local import BASE, BETA, _small_params
 
 from ipa_lib.orchestration.kfp import LOCAL_IMAGE, RUNTIME_UID
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("IPA_TEST_IMAGE", LOCAL_IMAGE)
-needs_base = pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base not pulled (dvc pull models/base)")
+needs_base = pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base missing (committed to git: git checkout -- models/base)")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,12 @@ def podman(tmp_path_factory):
     found = subprocess.run([*cmd, "image", "exists", IMAGE], env=env, check=False, capture_output=True, text=True)
     if found.returncode != 0:
         pytest.skip(f"image {IMAGE} not built (make image; docs/containers.md) {found.stderr.strip()}")
+    built = subprocess.run([*cmd, "image", "inspect", "--format", '{{index .Labels "ipa.source-digest"}}', IMAGE],
+                           env=env, check=True, capture_output=True, text=True).stdout.strip()
+    here = subprocess.run(["bash", "-c", f"source {ROOT / 'scripts' / 'containers.sh'} && source_digest"], cwd=ROOT,
+                          env=env, check=True, capture_output=True, text=True).stdout.strip()
+    if built != here:
+        pytest.skip(f"image {IMAGE} was built from other sources (label {built or 'none'}, checkout {here}): make image")
     return cmd, env
 
 
@@ -151,7 +157,8 @@ def test_failed_task_in_a_container_puts_its_log_in_the_error(tmp_path, docker_h
                       env=_env(DOCKER_HOST=docker_host), sets=("gate.threshold=1.0", "sample.num_clips=4"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = proc.stderr[proc.stderr.index("error: local run failed"):]
-    assert "Inner task failed: 'gate'" in err and "the failed task's log in its container ends with:" in err
+    assert "Inner task failed: 'gate'" in err, err[-3000:]
+    assert "the failed task's log in its container ends with:" in err
     assert "DataCheckError" in err  # the task's own log, in the error itself
     assert not (tmp_path / "kfp" / "summary.json").exists()
 
@@ -180,19 +187,19 @@ def test_missing_engine_names_what_to_install(tmp_path):
 
 
 @pytest.mark.container
-def test_the_image_detects_hands_on_real_photos(podman, real_dir):  # noqa: F811
+def test_the_image_detects_hands_on_real_photos(podman):
     """`ipa hands detect` in the image (uid 10001, no network) finds what the host finds."""
     from ipa_lib.data.hands.detect import detect
 
-    photos = sorted(p.name for p in Path(real_dir).glob("*.jpg"))
-    assert photos
+    real = real_dir()
+    photos = sorted(PHOTOS.values())
     cmd, env = podman
-    proc = subprocess.run([*cmd, "run", "--rm", "--network", "none", "-v", f"{real_dir}:/data:ro", IMAGE,
+    proc = subprocess.run([*cmd, "run", "--rm", "--network", "none", "-v", f"{real}:/data:ro", IMAGE,
                            "hands", "detect", "--json", *(f"/data/{p}" for p in photos)],
                           env=env, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout)
-    want = detect([str(Path(real_dir) / p) for p in photos])
+    want = detect([str(real / p) for p in photos])
     assert got["summary"] == want["summary"] == {"given": len(photos), "processed": len(photos), "failed": 0}
     for g, w in zip(got["inputs"], want["inputs"]):
         hands = g["frames"][0]["hands"]

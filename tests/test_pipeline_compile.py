@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipa_lib.core.config import load_params, parse_params
+from ipa_lib.core.config import PIPELINE_TASKS, load_params, parse_params
 from ipa_lib.orchestration import kfp as kfp_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +56,12 @@ def _tasks(spec: dict, component: str | None = None) -> dict:
     return dag["tasks"]
 
 
+def _body(spec: dict) -> str:
+    """The component of the ExitHandler group that holds the whole round."""
+    (name,) = [n for n, t in _tasks(spec).items() if n != "record-failure"]
+    return _tasks(spec)[name]["componentRef"]["name"]
+
+
 def _all_tasks(spec: dict) -> dict:
     """Task key -> task spec, across the root DAG and every sub-DAG (loop, condition)."""
     out = dict(_tasks(spec))
@@ -73,19 +79,25 @@ def test_committed_yaml_is_current(compiled):
 
 def test_dag_edges(compiled):
     _, spec, _ = compiled
-    root = _tasks(spec)
+    root = _tasks(spec, _body(spec))
     deps = {name: sorted(t.get("dependentTasks", [])) for name, t in root.items()}
     loop = next(n for n, t in root.items() if "parameterIterator" in t)
     cond = next(n for n, t in root.items() if "triggerPolicy" in t)
     assert deps == {
-        "sample": [],
-        "gate": ["sample"],
-        loop: ["gate"],
-        "select-best": [loop],
-        "register": ["select-best"],
-        "decide-promotion": ["register"],
-        cond: ["decide-promotion", "register"],
+        "resolve-params": [],
+        "sample": ["resolve-params"],
+        "gate": ["resolve-params", "sample"],
+        loop: ["gate", "resolve-params"],
+        "select-best": [loop, "resolve-params"],
+        "register": ["resolve-params", "select-best"],
+        "decide-promotion": ["register", "resolve-params"],
+        cond: ["decide-promotion", "register", "resolve-params"],
     }
+    # every task after resolve-params runs with its params (typed parameters applied)
+    for name, task in root.items():
+        if name != "resolve-params" and "params_json" in task["inputs"]["parameters"]:
+            assert task["inputs"]["parameters"]["params_json"]["taskOutputParameter"] == {
+                "outputParameterKey": "Output", "producerTask": "resolve-params"}, name
     loop_tasks = _tasks(spec, root[loop]["componentRef"]["name"])
     assert sorted(loop_tasks) == ["evaluate", "train"]
     assert loop_tasks["evaluate"]["dependentTasks"] == ["train"]
@@ -106,18 +118,18 @@ def test_dag_edges(compiled):
 
 def test_parallel_for_over_betas(compiled):
     _, spec, _ = compiled
-    root = _tasks(spec)
+    root = _tasks(spec, _body(spec))
     loop = next(t for t in root.values() if "parameterIterator" in t)
     it = loop["parameterIterator"]
     assert it["items"] == {"inputParameter": "pipelinechannel--betas"}
-    assert loop["inputs"]["parameters"]["pipelinechannel--betas"] == {"componentInputParameter": "betas"}
+    assert loop["inputs"]["parameters"]["pipelinechannel--betas"] == {"componentInputParameter": "pipelinechannel--betas"}
     for task in _tasks(spec, loop["componentRef"]["name"]).values():
         assert task["inputs"]["parameters"]["beta"] == {"componentInputParameter": it["itemInput"]}
 
 
 def test_promote_only_under_the_condition(compiled):
     _, spec, _ = compiled
-    root = _tasks(spec)
+    root = _tasks(spec, _body(spec))
     cond = next(t for t in root.values() if "triggerPolicy" in t)
     expr = " ".join(cond["triggerPolicy"]["condition"].split())
     assert expr == "inputs.parameter_values['pipelinechannel--decide-promotion-Output'] == true"
@@ -160,8 +172,8 @@ def test_caching_off_for_sampling_training_and_registry(compiled):
     _, spec, _ = compiled
     tasks = _all_tasks(spec)
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache") is True}
-    assert cached == {"gate", "evaluate", "select-best"}
-    for name in ("sample", "train", "register", "decide-promotion", "promote"):
+    assert cached == {"resolve-params", "gate", "evaluate", "select-best"}
+    for name in ("sample", "train", "register", "decide-promotion", "promote", "record-failure"):
         assert tasks[name]["cachingOptions"] == {}, name  # explicit enable_caching=False
 
 
@@ -175,7 +187,7 @@ def test_pvc_and_secret_env(compiled, params):
                                           "pvcNameParameter": {"runtimeValue": {"constant": pc.pvc_name}}}]
     with_secret = {n for n, e in k8s.items() if "secretAsEnv" in e}
     assert with_secret == {"exec-sample", "exec-gate", "exec-train", "exec-evaluate", "exec-register",
-                           "exec-decide-promotion", "exec-promote"}
+                           "exec-decide-promotion", "exec-promote", "exec-record-failure"}
     for name in with_secret:
         required, optional = k8s[name]["secretAsEnv"]
         assert required["secretName"] == pc.mlflow_secret and required["optional"] is False
@@ -187,7 +199,7 @@ def test_pvc_and_secret_env(compiled, params):
 def test_runtime_image_on_every_executor(compiled, params):
     _, spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 8
+    assert len(executors) == 10
     for name, ex in executors.items():
         c = ex["container"]
         want = params.pipeline.gpu_image if name == "exec-train" else params.pipeline.image
@@ -200,13 +212,167 @@ def test_runtime_image_on_every_executor(compiled, params):
 def test_parameters_default_to_params_yaml(compiled, params):
     _, spec, _ = compiled
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    assert sorted(inputs) == ["base_model", "betas", "params_json"]
+    assert sorted(inputs) == sorted(kfp_cli.PARAMETERS)
     assert parse_params(json.loads(inputs["params_json"]["defaultValue"])) == params
     assert inputs["betas"]["defaultValue"] == params.pipeline.betas
     assert inputs["base_model"]["defaultValue"] == f"{params.pipeline.mount_path}/{params.backend.base_model}"
-    outputs = spec["root"]["outputDefinitions"]
-    assert sorted(outputs["artifacts"]) == ["best_adapter", "best_evaluation"]
-    assert sorted(outputs["parameters"]) == ["best_beta", "model_version"]
+    typed = {"train_steps": ("NUMBER_INTEGER", params.train.steps), "train_lr": ("NUMBER_DOUBLE", params.train.lr),
+             "hand_weight": ("NUMBER_DOUBLE", params.train.hand_weight),
+             "num_clips": ("NUMBER_INTEGER", params.sample.num_clips),
+             "gate_threshold": ("NUMBER_DOUBLE", params.gate.threshold),
+             "gate_top_k": ("NUMBER_INTEGER", params.gate.top_k), "init_adapter": ("STRING", "")}
+    assert params.backend.init_adapter is None
+    for name, (kind, default) in typed.items():
+        assert (inputs[name]["parameterType"], inputs[name]["defaultValue"]) == (kind, default), name
+    # they reach the tasks only through resolve-params, which takes every one of them
+    resolve = _tasks(spec, _body(spec))["resolve-params"]["inputs"]["parameters"]
+    assert sorted(resolve) == sorted(["params_json", *typed])
+    assert "outputDefinitions" not in spec["root"]  # KFP returns no outputs from inside an ExitHandler
+
+
+def test_exit_handler_records_a_failed_round(compiled):
+    """record-failure runs after the whole round (success or not) with its final status and
+    the KFP run id that sample and train tag the MLflow round with."""
+    _, spec, _ = compiled
+    root = _tasks(spec)
+    assert sorted(root) == ["exit-handler-1", "record-failure"]
+    exit_task = root["record-failure"]
+    assert exit_task["triggerPolicy"] == {"strategy": "ALL_UPSTREAM_TASKS_COMPLETED"}
+    assert exit_task["dependentTasks"] == ["exit-handler-1"]
+    ins = exit_task["inputs"]["parameters"]
+    assert ins["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert ins["params_json"] == {"componentInputParameter": "params_json"}
+    run_id = {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert ins["kfp_run_id"] == run_id
+    tasks = _all_tasks(spec)
+    assert [n for n, t in tasks.items() if "kfp_run_id" in t["inputs"].get("parameters", {})] == [
+        "record-failure", "sample", "train"]  # not on cached tasks: a per-run value would defeat the cache
+    assert tasks["sample"]["inputs"]["parameters"]["kfp_run_id"] == run_id
+    assert tasks["train"]["inputs"]["parameters"]["kfp_run_id"] == run_id
+
+
+def test_timeouts_and_image_pull_secrets(compiled, params, tmp_path):
+    _, _, k8s = compiled
+    timeouts = params.pipeline.task_timeout_s
+    assert sorted(timeouts) == sorted(PIPELINE_TASKS)
+    for task in PIPELINE_TASKS:
+        assert k8s[f"exec-{task}"]["activeDeadlineSeconds"] == str(timeouts[task]), task
+        assert "imagePullSecret" not in k8s[f"exec-{task}"], task  # none by default
+    out = tmp_path / "private.yaml"
+    sets = ["pipeline.image_pull_secrets=[regcred, other]", "pipeline.task_timeout_s.train=3600"]
+    assert kfp_cli.main(_args(tmp_path, sets=sets, out=out)) == 0
+    _, k8s = _load(out)
+    for task in PIPELINE_TASKS:
+        assert [s["secretName"] for s in k8s[f"exec-{task}"]["imagePullSecret"]] == ["regcred", "other"], task
+    assert k8s["exec-train"]["activeDeadlineSeconds"] == "3600"
+    assert k8s["exec-sample"]["activeDeadlineSeconds"] == str(timeouts["sample"])  # the others keep theirs
+
+
+def test_cpu_only_train_has_no_gpu(tmp_path, params):
+    out = tmp_path / "cpu.yaml"
+    assert kfp_cli.main(_args(tmp_path, sets=["pipeline.cpu_only=true", "pipeline.cpu_limit=2"], out=out)) == 0
+    spec, k8s = _load(out)
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["image"] == params.pipeline.image and "accelerator" not in train["resources"]
+    assert train["resources"]["resourceCpuLimit"] == "2"  # a YAML number is a Kubernetes quantity
+    assert "nodeSelector" not in k8s["exec-train"] and "tolerations" not in k8s["exec-train"]
+    assert k8s["exec-train"]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+
+
+DEV = ROOT / "k8s" / "overlays" / "dev" / "kustomization.yaml"
+
+
+def _q(value: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
+    for unit, factor in units.items():
+        if str(value).endswith(unit):
+            return float(str(value)[: -len(unit)]) * factor
+    return float(value)
+
+
+def test_dev_overlay_command_compiles_a_pipeline_that_fits_its_quota(tmp_path, params):
+    """The `--set`s the dev overlay documents: CPU-only training whose parallel sweep fits the
+    overlay's quota and per-container maximum (the quota rejects pods over it)."""
+    import re
+    import shlex
+
+    text = DEV.read_text()
+    (command,) = [line.lstrip("# ").strip() for line in text.splitlines() if "compile --out" in line]
+    argv = shlex.split(command.rstrip("\\"))
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert argv[:2] == ["ipa", "pipeline"] and "pipeline.cpu_only=true" in sets
+    assert "-o " not in text
+    out = tmp_path / "dev.yaml"
+    assert kfp_cli.main(_args(tmp_path, sets=sets, out=out)) == 0
+    spec, k8s = _load(out)
+    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert "accelerator" not in res and "nodeSelector" not in k8s["exec-train"]
+    patches = {p["target"]["name"]: yaml.safe_load(p["patch"])[0]["value"] for p in yaml.safe_load(text)["patches"]}
+    hard, max_ = patches["ipa-quota"], patches["ipa-limits"]
+    n = len(params.pipeline.betas)  # train pods in flight at once
+    shm = _q(k8s["exec-train"]["emptyDirMounts"][0]["sizeLimit"])
+    assert n * _q(res["resourceCpuRequest"]) <= _q(hard["requests.cpu"]) / 2  # room for the other pods
+    assert n * _q(res["resourceCpuLimit"]) <= _q(hard["limits.cpu"]) / 2
+    assert n * _q(res["resourceMemoryRequest"]) <= _q(hard["requests.memory"]) / 2
+    assert n * _q(res["resourceMemoryLimit"]) <= _q(hard["limits.memory"]) / 2
+    assert _q(res["resourceMemoryLimit"]) <= _q(max_["memory"]) and _q(res["resourceCpuLimit"]) <= _q(max_["cpu"])
+    assert shm < _q(res["resourceMemoryLimit"])  # /dev/shm counts against the pod's memory
+    assert re.search(r"submit .*--package", text)
+
+
+# ---- pipeline arguments (submit / run-local) --------------------------------------------------
+
+
+def test_typed_parameters_and_dotted_keys_agree(params):
+    """`--param train.steps=7` and `--param train_steps=7` give the same arguments: the typed
+    value and a params_json that says the same; resolve-params (what the pods run) agrees."""
+    _, by_key = kfp_cli.pipeline_arguments(params, ["train.steps=7", "gate.threshold=0.5", "init_adapter=models:/m@c"])
+    _, by_name = kfp_cli.pipeline_arguments(params, ["train_steps=7", "gate_threshold=0.5",
+                                                     "backend.init_adapter=models:/m@c"])
+    assert by_key == by_name
+    assert (by_key["train_steps"], by_key["gate_threshold"], by_key["init_adapter"]) == (7, 0.5, "models:/m@c")
+    assert json.loads(by_key["params_json"])["train"]["steps"] == 7
+    typed = {k: by_key[k] for k in kfp_cli.TYPED_PARAMETERS}
+    assert kfp_cli.resolve_params(by_key["params_json"], typed) == by_key["params_json"]
+    # a run that sets only the typed parameter (the KFP UI) still means it
+    _, plain = kfp_cli.pipeline_arguments(params)
+    resolved = parse_params(json.loads(kfp_cli.resolve_params(plain["params_json"], {**typed, "init_adapter": ""})))
+    assert (resolved.train.steps, resolved.gate.threshold, resolved.backend.init_adapter) == (7, 0.5, None)
+
+
+@pytest.mark.parametrize(("values", "needle"), [
+    ({"train_steps": 0}, "train.steps"),
+    ({"gate_threshold": 1.5}, "gate.threshold"),
+    ({"gate_top_k": 1}, "gate.min_kept"),
+    ({"nope": 1}, "unknown typed parameter(s) nope"),
+])
+def test_resolve_params_validates(params, values, needle):
+    from ipa_lib.core.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        kfp_cli.resolve_params(kfp_cli.canonical_json(params), values)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["pipeline.cpu_limit=2", "pipeline.memory_limit=8Gi", "pipeline.cpu_only=true",
+                                      'params_json={"pipeline": {"image": "other:1"}}'])
+def test_compile_time_settings_are_refused_at_submit(params, override):
+    from ipa_lib.core.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        kfp_cli.pipeline_arguments(params, [override])
+    message = str(err.value)
+    assert "compiled into the package" in message and "ipa pipeline --set pipeline." in message and "compile" in message
+    if not override.startswith("params_json"):
+        assert f"--set {override} compile" in message
+
+
+def test_betas_stay_a_run_argument(params):
+    _, args = kfp_cli.pipeline_arguments(params, ["pipeline.betas=[5, 6]"])
+    assert args["betas"] == [5.0, 6.0]
+    _, args = kfp_cli.pipeline_arguments(params, ['params_json={"train": {"steps": 4}}'])  # pipeline kept
+    assert json.loads(args["params_json"])["pipeline"] == params.pipeline.model_dump(mode="json")
+    assert args["train_steps"] == 4
 
 
 def test_compile_follows_params(tmp_path):

@@ -62,7 +62,7 @@ def _reference(params_path: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base not pulled (dvc pull models/base)")
+@pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base missing (committed to git: git checkout -- models/base)")
 def test_run_local_matches_the_library(tmp_path):
     import torch
 
@@ -126,20 +126,68 @@ def test_run_local_matches_the_library(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base not pulled (dvc pull models/base)")
+@pytest.mark.skipif(not (BASE / "toy_backend.json").is_file(), reason="models/base missing (committed to git: git checkout -- models/base)")
 def test_failed_task_stops_the_run_with_its_name(tmp_path):
     """The gate's data checks fail (nothing reaches threshold 1.0): exit 1, the task named."""
     params_path = _small_params(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(
         [sys.executable, "-m", "ipa_lib.cli", "pipeline", "--params", str(params_path), "--set", "gate.threshold=1.0",
          "--set", "sample.num_clips=4", "run-local", "--workdir", str(tmp_path / "kfp")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: local run failed: Pipeline 'ipa-round' finished with status FAILURE. Inner task failed: 'gate'.")
+    assert "Pipeline 'ipa-round' finished with status FAILURE" in err and "'gate'" in err, err
     assert "DataCheckError" in proc.stdout  # the task's own log, printed above
     assert not (tmp_path / "kfp" / "summary.json").exists()
+    # the exit handler ran and marked the MLflow round FAILED, naming the task
+    from mlflow.tracking import MlflowClient
+
+    from ipa_lib.mlops.tracking import TAG_KFP_RUN, default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    (exp,) = [e for e in client.search_experiments() if e.name == "ipa-align"]
+    (round_,) = client.search_runs([exp.experiment_id], "tags.`ipa.kind` = 'round'")
+    assert round_.info.status == "FAILED" and round_.data.tags["ipa.failed_task"] == "gate"
+    assert round_.data.tags["ipa.failure"].startswith("KFP run FAILED") and round_.data.tags[TAG_KFP_RUN]
+    (record,) = (tmp_path / "kfp" / "outputs").glob("ipa-round-*/record-failure/executor_output.json")
+    assert json.loads(json.loads(record.read_text())["parameterValues"]["Output"])[0]["failed_task"] == "gate"
+
+
+def test_fail_round_marks_the_round_and_killed_stages(mlflow_server, tmp_path, monkeypatch):
+    """`fail_round` (the exit handler's library call) against a real tracking server: the
+    round tagged with the KFP run ends FAILED naming the stage run left RUNNING (a killed
+    pod); a finished stage and another KFP run's round are left alone."""
+    from mlflow.tracking import MlflowClient
+
+    from ipa_lib.core.config import load_params
+    from ipa_lib.mlops import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(ROOT / "params.yaml", [f"tracking.uri={mlflow_server.uri}", f"tracking.experiment=fail-{tmp_path.name}"])
+    rounds = {}
+    for kfp_run in ("kfp-a", "kfp-b"):
+        with tracking.stage_run(params, "sample", None, round_tags={tracking.TAG_KFP_RUN: kfp_run}) as run:
+            rounds[kfp_run] = run.round_run_id
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name(params.tracking.experiment).experiment_id
+    killed = client.create_run(exp, tags={tracking.TAG_KIND: "stage", tracking.TAG_STAGE: "train@600",
+                                          tracking.TAG_PARENT: rounds["kfp-a"]}).info.run_id
+    assert tracking.fail_round(params, "kfp-none", "x") == []
+    (done,) = tracking.fail_round(params, "kfp-a", "KFP run FAILED: exit-handler-1: pod deleted")
+    assert done["round_run_id"] == rounds["kfp-a"] and done["failed_task"] == "train@600"
+    r = client.get_run(rounds["kfp-a"])
+    assert r.info.status == "FAILED" and r.data.tags["ipa.failed_task"] == "train@600"
+    assert r.data.tags["ipa.failure"] == "KFP run FAILED: exit-handler-1: pod deleted"
+    assert client.get_run(killed).info.status == "FAILED"
+    (sample,) = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{rounds['kfp-a']}' and tags.`ipa.stage` = 'sample'")
+    assert sample.info.status == "FINISHED"
+    other = client.get_run(rounds["kfp-b"])
+    assert other.info.status == "FINISHED" and "ipa.failed_task" not in other.data.tags
+    # a failure in a task without a stage run (all stage runs finished): the reason names it
+    (only,) = tracking.fail_round(params, "kfp-b", "KFP run FAILED: select-best: boom")
+    assert only["failed_task"] == "a task without a stage run (KFP run FAILED: select-best: boom)"
 
 
 # ---- bad input (no DAG runs) -----------------------------------------------------------------

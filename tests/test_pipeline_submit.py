@@ -32,11 +32,40 @@ def _recorded(name: str) -> dict:
     return json.loads((DATA / name).read_text())
 
 
+# what GET /apis/v2beta1/runs/{id} adds for a run whose train task failed (KFP 2.x on Argo: the
+# workflow's root DAG and the for-loop DAG around train fail with it; V2beta1Run / V2beta1RunDetails /
+# V2beta1PipelineTaskDetail field names)
+_RUN = "0f1e2d3c-4b5a-4697-8879-6a5b4c3d2e1f"
+FAILED_DETAILS = {
+    "finished_at": "2026-11-25T16:40:11Z",
+    "error": {"code": 2, "message": "task 'train' failed"},
+    "run_details": {
+        "pipeline_context_id": "11", "pipeline_run_context_id": "12",
+        "task_details": [
+            {"run_id": _RUN, "task_id": "ipa-round-x7k2p", "display_name": "ipa-round-x7k2p", "state": "FAILED",
+             "child_tasks": [{"pod_name": "ipa-round-x7k2p-root-driver-1"}, {"task_id": "ipa-round-x7k2p-2"}]},
+            {"run_id": _RUN, "task_id": "ipa-round-x7k2p-2", "display_name": "root", "state": "FAILED",
+             "parent_task_id": "ipa-round-x7k2p", "child_tasks": [{"task_id": "ipa-round-x7k2p-3"}]},
+            {"run_id": _RUN, "task_id": "ipa-round-x7k2p-1", "display_name": "sample", "state": "SUCCEEDED",
+             "parent_task_id": "ipa-round-x7k2p-2", "pod_name": "ipa-round-x7k2p-system-container-impl-1"},
+            {"run_id": _RUN, "task_id": "ipa-round-x7k2p-3", "display_name": "for-loop-2", "state": "FAILED",
+             "parent_task_id": "ipa-round-x7k2p-2", "child_tasks": [{"task_id": "ipa-round-x7k2p-4"}, {"task_id": "ipa-round-x7k2p-5"}]},
+            {"run_id": _RUN, "task_id": "ipa-round-x7k2p-4", "display_name": "train-driver", "state": "SUCCEEDED",
+             "parent_task_id": "ipa-round-x7k2p-3", "pod_name": "ipa-round-x7k2p-system-container-driver-4"},
+            {"run_id": _RUN, "task_id": "ipa-round-x7k2p-5", "display_name": "train", "state": "FAILED",
+             "parent_task_id": "ipa-round-x7k2p-3", "pod_name": "ipa-round-x7k2p-system-container-impl-5",
+             "error": {"code": 2, "message": "Error (exit code 1): CUDA out of memory"}},
+        ],
+    },
+}
+
+
 class FakeKFP:
     """A loopback HTTP server answering like the KFP v2beta1 API; logs every request.
 
     `status` maps "METHOD /path" to an HTTP status to fail with, `raw` to a raw body,
-    `hang` to seconds to wait before answering.
+    `hang` to seconds to wait before answering. `run_states` are the states successive
+    GETs of a run answer (the last one repeats); a FAILED run carries `FAILED_DETAILS`.
     """
 
     def __init__(self, multi_user: bool = False):
@@ -46,6 +75,7 @@ class FakeKFP:
         self.raw: dict[str, bytes] = {}
         self.hang: dict[str, float] = {}
         self.experiments: list[dict] = []
+        self.run_states: list[str] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,7 +86,8 @@ class FakeKFP:
                 body = json.loads(raw) if raw else None
                 key = f"{self.command} {url.path}"
                 fake.log.append({"method": self.command, "path": url.path, "query": urllib.parse.parse_qs(url.query),
-                                 "body": body})
+                                 "body": body, "authorization": self.headers.get("Authorization"),
+                                 "cookie": self.headers.get("Cookie")})
                 if key in fake.hang:
                     time.sleep(fake.hang[key])
                 code, out = fake.route(self.command, url.path, body)
@@ -97,7 +128,13 @@ class FakeKFP:
             return 200, run | {"display_name": body["display_name"], "experiment_id": body["experiment_id"],
                                "runtime_config": body.get("runtime_config")}
         if method == "GET" and path.startswith("/apis/v2beta1/runs/"):
-            return 200, _recorded("run_created.json") | {"run_id": path.rsplit("/", 1)[-1]}
+            run = _recorded("run_created.json") | {"run_id": path.rsplit("/", 1)[-1]}
+            if self.run_states:
+                state = self.run_states.pop(0) if len(self.run_states) > 1 else self.run_states[0]
+                run |= {"state": state, "state_history": run["state_history"] + [{"update_time": "2026-11-25T15:53:02Z", "state": state}]}
+                if state == "FAILED":
+                    run |= FAILED_DETAILS
+            return 200, run
         return 404, _recorded("error_not_found.json")
 
     def calls(self) -> list[str]:
@@ -154,7 +191,8 @@ def test_submit_through_kfp_client(fake, kfp_home, capsys):
     assert run["experiment_id"] == _recorded("experiment_created.json")["experiment_id"]
     assert run["service_account"] == "ipa-pipeline"
     args = run["runtime_config"]["parameters"]
-    assert sorted(args) == ["base_model", "betas", "params_json"]
+    assert sorted(args) == sorted(kfp_cli.PARAMETERS)  # params_json, betas, the typed knobs, base_model
+    assert {"params_json", "betas", "base_model", "train_steps", "gate_threshold"} <= set(args)
     assert args["betas"] == [200.0, 600.0] and args["base_model"] == "/workspace/models/base"
     sent = parse_params(json.loads(args["params_json"]))
     want = load_params(PARAMS, ["train.steps=5", "pipeline.betas=[200, 600]"])
@@ -281,7 +319,7 @@ def test_timeout_is_scoped_to_one_client(fake, kfp_home):
     ("POST /apis/v2beta1/runs", 400, None, "refused the request: HTTP 400 Bad Request: "),
     ("GET /apis/v2beta1/healthz", 500, None, "answered HTTP 500"),
     ("GET /apis/v2beta1/healthz", 404, None, "is this the KFP v2 API?"),
-    ("GET /apis/v2beta1/healthz", 401, None, "authentication needed?"),
+    ("GET /apis/v2beta1/healthz", 401, None, "authentication needed; pass --existing-token or --cookies"),
     ("GET /apis/v2beta1/healthz", 200, b"<html>sign in</html>", "did not answer with KFP's healthz JSON"),
 ])
 def test_api_errors_are_readable(fake, kfp_home, capsys, key, status, raw, needle):
@@ -302,6 +340,143 @@ def test_stale_package_warns(fake, kfp_home, tmp_path, capsys):
     assert ipa(["pipeline", "--params", str(PARAMS), "--set", "pipeline.image=x/y:1", "compile", "--out", str(other)]) == 0
     assert _submit(fake.url, "--package", str(other)) == 0
     assert "differs from what `ipa pipeline compile` writes" in capsys.readouterr().err
+
+
+# ---- auth, namespace, run name ----------------------------------------------------------------
+
+
+def test_existing_token_goes_with_every_request(fake, kfp_home, capsys):
+    assert _submit(fake.url, "--existing-token", "tok-123") == 0
+    assert len(fake.log) == 5  # our healthz, kfp.Client's, experiment lookup + create, run
+    assert {e["authorization"] for e in fake.log} == {"Bearer tok-123"}
+    assert {e["cookie"] for e in fake.log} == {None}
+    assert "tok-123" not in capsys.readouterr().out
+
+
+def test_token_from_a_file(fake, kfp_home, tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("tok-from-file\n")
+    assert _submit(fake.url, "--existing-token", f"@{token}") == 0
+    assert {e["authorization"] for e in fake.log} == {"Bearer tok-from-file"}
+    assert _submit(fake.url, "--existing-token", f"@{tmp_path / 'nope'}") == 2
+    assert "--existing-token @" in (err := capsys.readouterr().err) and "nope: cannot read the file" in err
+    assert len(fake.log) == 5  # the second submit sent nothing
+
+
+def test_cookies_go_with_every_request(kfp_home):
+    with FakeKFP(multi_user=True) as server:
+        assert _submit(server.url, "--cookies", "authservice_session=abc; other=1") == 0
+    assert len(server.log) == 4
+    assert {e["cookie"] for e in server.log} == {"authservice_session=abc; other=1"}
+    assert {e["authorization"] for e in server.log} == {None}
+
+
+def test_namespace_flag_on_multi_user_kfp(kfp_home, capsys):
+    with FakeKFP(multi_user=True) as server:
+        assert _submit(server.url, "--namespace", "team-a", "--run-name", "nightly-7") == 0
+    assert server.log[1]["query"]["namespace"] == ["team-a"]
+    assert server.log[2]["body"] == {"display_name": "ipa-align", "namespace": "team-a"}
+    assert _run_request(server)["display_name"] == "nightly-7"
+    out = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+    assert out["namespace"] == "team-a" and out["run_name"] == "nightly-7"
+
+
+def test_namespace_flag_on_single_user_kfp_is_refused(fake, kfp_home, capsys):
+    assert _submit(fake.url, "--namespace", "team-a") == 1
+    assert "is single-user" in capsys.readouterr().err
+    assert fake.calls() == ["GET /apis/v2beta1/healthz"]  # ours only: no experiment, no run
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (("--namespace", "Team_A"), "not a Kubernetes namespace name"),
+    (("--timeout", "5"), "--timeout limits --wait"),
+    (("--wait", "--timeout", "0"), "must be a positive number"),
+    (("--existing-token", ""), "--existing-token: empty value"),
+])
+def test_bad_submit_flags_never_reach_the_server(fake, kfp_home, capsys, extra, needle):
+    assert _submit(fake.url, *extra) == 2
+    assert needle in capsys.readouterr().err
+    assert fake.log == []
+
+
+def test_unauthenticated_multi_user_kfp_asks_for_a_token(fake, kfp_home, capsys):
+    fake.status["GET /apis/v2beta1/healthz"] = 401
+    assert _submit(fake.url) == 1
+    assert "pass --existing-token or --cookies" in capsys.readouterr().err
+
+
+# ---- --wait -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_poll(monkeypatch):
+    """Poll the run every 20 ms instead of kfp.Client's 5 s."""
+    monkeypatch.setattr(kfp_cli, "WAIT_POLL_S", 0.02)
+
+
+def _run_gets(server: FakeKFP) -> int:
+    return server.calls().count(f"GET /apis/v2beta1/runs/{_RUN}")
+
+
+def test_wait_for_a_failed_run_names_the_task(fake, kfp_home, fast_poll, capsys):
+    fake.run_states = ["PENDING", "RUNNING", "FAILED"]
+    assert _submit(fake.url, "--wait", "--existing-token", "tok-9") == 1
+    err = capsys.readouterr().err
+    assert f"run {_RUN} ended FAILED; failed task: train: Error (exit code 1): CUDA out of memory" in err
+    assert "(run error: task 'train' failed)" in err and f"{fake.url}/#/runs/details/{_RUN}" in err
+    assert _run_gets(fake) == 3
+    assert {e["authorization"] for e in fake.log} == {"Bearer tok-9"}  # the GETs of the run too
+
+
+def test_failed_tasks_without_parent_links_are_all_named():
+    """A task list with no parent/child links: every FAILED task is named, DAGs included."""
+    from kfp_server_api import ApiClient
+
+    run = ApiClient().deserialize(_Response({"run_id": _RUN, "state": "FAILED", "run_details": {"task_details": [
+        {"display_name": "gate", "state": "FAILED"}, {"display_name": "root", "state": "FAILED"},
+        {"display_name": "sample", "state": "SUCCEEDED"}]}}), "V2beta1Run")
+    assert kfp_cli.failed_tasks(run) == ["gate", "root"]
+    run = ApiClient().deserialize(_Response(_recorded("run_created.json") | FAILED_DETAILS), "V2beta1Run")
+    assert kfp_cli.failed_tasks(run) == ["train: Error (exit code 1): CUDA out of memory"]
+
+
+class _Response:
+    """What kfp_server_api's ApiClient.deserialize reads: `.data`."""
+
+    def __init__(self, data: dict):
+        self.data = json.dumps(data)
+
+
+def test_wait_for_a_run_that_succeeds(fake, kfp_home, fast_poll, capsys):
+    fake.run_states = ["PENDING", "RUNNING", "RUNNING", "SUCCEEDED"]
+    assert _submit(fake.url, "--wait") == 0
+    out = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+    assert out["state"] == "SUCCEEDED" and out["run_id"] == _RUN
+    assert _run_gets(fake) == 4
+
+
+def test_wait_timeout_on_a_run_that_keeps_running(fake, kfp_home, fast_poll, capsys):
+    fake.run_states = ["RUNNING"]
+    assert _submit(fake.url, "--wait", "--timeout", "0.2") == 1
+    err = capsys.readouterr().err
+    assert f"run {_RUN} did not finish within --timeout 0.2 s" in err and f"/#/runs/details/{_RUN}" in err
+    assert _run_gets(fake) >= 2  # it polled, then gave up
+
+
+def test_without_wait_the_run_is_not_polled(fake, kfp_home, capsys):
+    fake.run_states = ["FAILED"]
+    assert _submit(fake.url) == 0
+    assert _run_gets(fake) == 0
+    assert "state" not in json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+
+
+def test_api_stops_answering_while_waiting(fake, kfp_home, fast_poll):
+    fake.run_states = ["RUNNING"]
+    fake.hang[f"GET /apis/v2beta1/runs/{_RUN}"] = 3
+    params = load_params(PARAMS)
+    _, arguments = kfp_cli.pipeline_arguments(params)
+    with pytest.raises(kfp_cli.PipelineError, match=f"stopped answering while waiting for run {_RUN} .*timeout 0.5 s"):
+        kfp_cli.submit(params, arguments, fake.url, PACKAGE, wait=True, timeout_s=0.5)
 
 
 # ---- the KFP CLI -------------------------------------------------------------------------------

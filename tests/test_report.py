@@ -73,6 +73,35 @@ def test_bootstrap_is_seeded():
     a = bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=3)
     b = bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=3)
     assert a == b and a[0] < x.mean() < a[1]
+    assert bootstrap_interval(lambda i: x[i].mean(), 20, n_boot=200, seed=4) != a
+
+
+def test_bootstrap_resamples_both_sides_of_a_comparison_together():
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=15)
+    b = a + 1.0 + rng.normal(scale=0.05, size=15)  # strongly paired with a
+    ours = bootstrap_interval(lambda i: a[i].mean() - b[i].mean(), 15, n_boot=500, seed=2)
+    paired = stats.bootstrap((a, b), lambda x, y: x.mean() - y.mean(), paired=True, vectorized=False, n_resamples=500,
+                             method="percentile", rng=np.random.default_rng(2)).confidence_interval
+    unpaired = stats.bootstrap((a, b), lambda x, y: x.mean() - y.mean(), paired=False, vectorized=False, n_resamples=500,
+                               method="percentile", rng=np.random.default_rng(2)).confidence_interval
+    assert ours == pytest.approx((paired.low, paired.high), abs=1e-12)  # scipy's paired resampling, same seed
+    assert ours[1] - ours[0] < 0.2 * (unpaired.high - unpaired.low)  # pairing removes the between-pose spread
+
+
+def test_bootstrap_edge_cases_and_standard_error():
+    from ipa_lib.analysis.stats import bootstrap_se_interval
+
+    assert all(math.isnan(v) for v in bootstrap_interval(lambda i: 1.0, 1))  # one pose: no interval
+    y = np.array([np.nan, 1.0, 2.0, 3.0])  # resamples of only the nan pose give nan: dropped
+    lo, hi = bootstrap_interval(lambda i: np.nanmean(y[i]) if np.isfinite(y[i]).any() else np.nan, 4, n_boot=500)
+    assert 1.0 <= lo < hi <= 3.0
+    x = np.random.default_rng(6).normal(size=40)
+    lo, hi = bootstrap_se_interval(lambda i: x[i].mean(), 40, 0.25, n_boot=2000)
+    se = x.std(ddof=0) / math.sqrt(len(x))  # the bootstrap s.e. of a mean
+    assert (lo + hi) / 2 == pytest.approx(0.25) and (hi - lo) / 2 == pytest.approx(1.959964 * se, rel=0.1)
 
 
 def test_verdicts():

@@ -1,4 +1,4 @@
-"""Video I/O: real decoding, atomic writes, and every kind of bad input named clearly."""
+"""Video I/O: real decoding, header probing (PyAV), windows, atomic writes, and every kind of bad input named clearly."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hands_fixtures import encode, real_dir
 
 from ipa_lib.data import video
-from ipa_lib.data.video import VideoError, iter_frames, probe, read_video, write_video
+from ipa_lib.data.video import VideoError, header_fps, iter_frames, iter_windows, probe, read_video, write_video
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -36,7 +36,9 @@ def real_video() -> Path:
 
 def test_real_video_probe_and_read(real_video):
     info = probe(real_video)
-    assert info == {"frames": 205, "height": 720, "width": 1280, "fps": 50.0, "kind": "video"}
+    assert info == {"frames": 205, "height": 720, "width": 1280, "fps": 50.0, "kind": "video", "frames_from": "header"}
+    assert probe(real_video, decode=True) == {**info, "frames_from": "decode"}  # the header's count is the decoded one
+    assert header_fps(real_video) == 50.0
     clip = read_video(real_video, max_frames=5)
     assert clip.shape == (5, 720, 1280, 3) and clip.dtype == np.uint8 and clip.std() > 10
     first = next(iter_frames(real_video))
@@ -51,7 +53,7 @@ def test_write_read_roundtrip_atomic(tmp_path, size):
                        for i in range(9)]).astype(np.uint8)  # fmt: skip
     out = write_video(tmp_path / "clip.mp4", frames, fps=16)
     assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temp left
-    assert probe(out) == {"frames": 9, "height": h, "width": w, "fps": 16.0, "kind": "video"}
+    assert probe(out) == {"frames": 9, "height": h, "width": w, "fps": 16.0, "kind": "video", "frames_from": "header"}
     back = read_video(out)
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames).mean() < 4  # lossy but close
@@ -85,8 +87,12 @@ def test_truncated(tmp_path, real_video):
     data = real_video.read_bytes()
     path = tmp_path / "truncated.avi"
     path.write_bytes(data[: len(data) // 2])
+    # the AVI header survives the cut: probe reports its count without decoding, decode=True finds the damage
+    assert probe(path) == {"frames": 205, "height": 720, "width": 1280, "fps": 50.0, "kind": "video", "frames_from": "header"}
     with pytest.raises(VideoError, match=r"truncated.avi: corrupt or truncated: decoded \d+ frame"):
-        probe(path)
+        probe(path, decode=True)
+    with pytest.raises(VideoError, match=r"truncated.avi: corrupt or truncated"):
+        sum(len(w) for w in iter_windows(path, 64))
     # the frames before the damage can still be had on request
     partial = sum(1 for _ in iter_frames(path, strict=False))
     assert 50 < partial < 205
@@ -98,6 +104,42 @@ def test_truncated_mp4_without_index(tmp_path):
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
     with pytest.raises(VideoError, match="cut.mp4: not a decodable video"):
         read_video(tmp_path / "cut.mp4")
+    with pytest.raises(VideoError, match="cut.mp4: not a decodable video"):
+        probe(tmp_path / "cut.mp4")  # no header to read: the decoder names the problem
+
+
+@pytest.mark.parametrize("name, codec, from_header", [("h.mp4", None, True), ("m.avi", "mjpeg", True),
+                                                      ("n.mkv", "libx264", False), ("v.webm", "libvpx-vp9", False)])
+def test_probe_reads_the_header_and_decodes_only_without_a_count(tmp_path, name, codec, from_header):
+    frames = np.random.default_rng(0).integers(0, 256, (7, 24, 32, 3), dtype=np.uint8)
+    path = write_video(tmp_path / name, frames, fps=12, codec=codec)
+    info = probe(path)
+    # MP4 and AVI store the frame count; Matroska/WebM do not, so those are counted by decoding
+    assert info == {"frames": 7, "height": 24, "width": 32, "fps": 12.0, "kind": "video",
+                    "frames_from": "header" if from_header else "decode"}
+    assert probe(path, decode=True) == {**info, "frames_from": "decode"}
+
+
+def test_truncated_file_without_a_header_count_is_decoded_and_refused(tmp_path):
+    frames = np.random.default_rng(1).integers(0, 256, (30, 48, 64, 3), dtype=np.uint8)
+    data = write_video(tmp_path / "whole.mkv", frames, fps=10, codec="libx264").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(VideoError, match=r"cut.mkv: corrupt or truncated: decoded \d+ frame"):
+        probe(tmp_path / "cut.mkv")
+
+
+def test_long_video_in_windows(real_video, tmp_path):
+    sizes = [w.shape for w in iter_windows(real_video, 64)]
+    assert sizes == [(64, 720, 1280, 3)] * 3 + [(13, 720, 1280, 3)]
+    frames = (np.arange(10)[:, None, None, None] * 20 + np.zeros((10, 16, 16, 3))).astype(np.uint8)
+    path = encode(tmp_path / "lossless.mkv", frames, "rgb24", "ffv1")
+    windows = list(iter_windows(path, 4))
+    assert [len(w) for w in windows] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(windows), frames)  # every frame once, in order
+    with pytest.raises(ValueError, match="window size"):
+        next(iter_windows(path, 0))
+    with pytest.raises(VideoError, match="missing.mp4: no such file"):
+        next(iter_windows(tmp_path / "missing.mp4", 4))
 
 
 @pytest.mark.parametrize(
@@ -131,7 +173,7 @@ def test_unreadable_paths(tmp_path, monkeypatch):
 
 def test_single_frame_video(tmp_path):
     path = write_video(tmp_path / "one.mp4", np.full((1, 24, 32, 3), 200, np.uint8), fps=8)
-    assert probe(path)["frames"] == 1
+    assert probe(path)["frames"] == 1 and probe(path, decode=True)["frames"] == 1
     assert read_video(path).shape == (1, 24, 32, 3)
 
 
@@ -153,7 +195,8 @@ def test_grayscale_and_rgba_images(tmp_path):
     Image.fromarray(g, "L").save(tmp_path / "g.png")
     rgba = np.random.default_rng(1).integers(0, 256, (20, 30, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    assert probe(tmp_path / "g.png") == {"frames": 1, "height": 20, "width": 30, "fps": 0.0, "kind": "image"}
+    assert probe(tmp_path / "g.png") == {"frames": 1, "height": 20, "width": 30, "fps": 0.0, "kind": "image",
+                                         "frames_from": "decode"}  # fmt: skip
     np.testing.assert_array_equal(read_video(tmp_path / "g.png")[0], np.repeat(g[:, :, None], 3, 2))
     np.testing.assert_array_equal(read_video(tmp_path / "a.png")[0], rgba[..., :3])
 
@@ -175,6 +218,8 @@ def test_huge_resolution_bounded(tmp_path):
     # and a limit refuses it before allocating a frame
     with pytest.raises(VideoError, match="resolution 3840x2160 exceeds the limit"):
         next(iter_frames(path, max_pixels=1920 * 1080))
+    with pytest.raises(VideoError, match="uhd.mp4: resolution 3840x2160 exceeds the limit"):
+        probe(path, max_pixels=1920 * 1080)  # from the header, nothing decoded
     with pytest.raises(VideoError, match="more than 1000000 bytes"):
         read_video(path, max_bytes=1_000_000)
     # a tiny file claiming a huge picture is refused from its header

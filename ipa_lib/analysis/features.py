@@ -42,7 +42,15 @@ Extractor = Callable[[np.ndarray], np.ndarray]  # (N, F, H, W, 3) uint8 -> (N, D
 
 # ---- the distance ------------------------------------------------------------------------
 
+# Why not `scipy.linalg.sqrtm(S_a @ S_b)` as pytorch-fid: S_a S_b is not symmetric, and with
+# rank-deficient covariances (fewer clips than feature dimensions: small evaluation sets and
+# their bootstrap resamples) sqrtm returns a complex matrix (imaginary parts ~1e-7 for 5 or 7
+# samples in 16 dimensions), which is why pytorch-fid carries an eps retry for non-finite
+# roots and a rule for discarding imaginary parts. The symmetric PSD form used here, by
+# eigendecomposition, is real by construction and agrees with sqrtm where sqrtm is real
+# (tests/test_features.py checks both).
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric PSD matrix (negative round-off eigenvalues clipped to 0)."""
     w, v = np.linalg.eigh((a + a.T) / 2)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 

@@ -16,9 +16,19 @@ COLOURS = {"ipa-hand": "tab:red", "ipa-global": "tab:orange", "dpo": "tab:blue",
 DIRECTION = {True: " (higher is better)", False: " (lower is better)", None: " (1 = as sharp as ground truth)"}
 
 
+def clip_ylim(ylim: tuple[float, float], lower: float, upper: float, pad: float = 0.03) -> tuple[float, float]:
+    """An axis range kept inside the metric's range [lower, upper], plus `pad` of it (or of the
+    axis, for an open range) so points on a bound stay whole."""
+    lo, hi = ylim
+    finite = math.isfinite(lower) and math.isfinite(upper)
+    margin = pad * ((upper - lower) if finite else (hi - lo))
+    return max(lo, lower - margin), min(hi, upper + margin)
+
+
 def plot_beta_curves(rows: Sequence[Row], out_dir: str | Path, rnd: int = 1, metrics: Sequence[str] | None = None) -> list[Path]:
     """One PNG per metric: the metric against beta for every beta-using method (interval bars),
-    with the base and SFT as horizontal lines (their intervals shaded)."""
+    with the base and SFT as horizontal lines (their intervals shaded). Intervals and the axis
+    stay inside the metric's range (`Metric.lower`/`upper`: a rate cannot leave [0, 1])."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,6 +40,7 @@ def plot_beta_curves(rows: Sequence[Row], out_dir: str | Path, rnd: int = 1, met
     metrics = list(metrics or (in_round[0].stats if in_round else []))
     paths = []
     for m in metrics:
+        metric = get_metric(m)
         fig, ax = plt.subplots(figsize=(5, 3.4))
         for method in BETA_METHODS:
             pts = sorted((r.beta, r.stats[m]) for r in in_round if r.method == method and m in r.stats)
@@ -37,7 +48,8 @@ def plot_beta_curves(rows: Sequence[Row], out_dir: str | Path, rnd: int = 1, met
                 continue
             x = [b for b, _ in pts]
             y = np.array([s.mean for _, s in pts])
-            err = np.array([[s.mean - s.lo, s.hi - s.mean] for _, s in pts]).T
+            lo, hi = (np.clip([getattr(s, end) for _, s in pts], metric.lower, metric.upper) for end in ("lo", "hi"))
+            err = np.array([y - lo, hi - y])  # NaN (no interval) stays NaN: no bar
             err = np.clip(np.where(np.isfinite(err), err, 0.0), 0.0, None)
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=METHOD_TITLES[method], color=COLOURS[method])
         for method, style in (("base", "--"), ("sft", ":")):
@@ -47,7 +59,7 @@ def plot_beta_curves(rows: Sequence[Row], out_dir: str | Path, rnd: int = 1, met
             s = r.stats[m]
             ax.axhline(s.mean, linestyle=style, color=COLOURS[method], label=METHOD_TITLES[method])
             if math.isfinite(s.lo):
-                ax.axhspan(s.lo, s.hi, color=COLOURS[method], alpha=0.08)
+                ax.axhspan(max(s.lo, metric.lower), min(s.hi, metric.upper), color=COLOURS[method], alpha=0.08)
         ax.set_xscale("log")
         betas = sorted({r.beta for r in in_round if r.beta is not None})
         if betas:
@@ -55,7 +67,7 @@ def plot_beta_curves(rows: Sequence[Row], out_dir: str | Path, rnd: int = 1, met
             ax.set_xticklabels([f"{b:g}" for b in betas])
             ax.minorticks_off()
         ax.set_xlabel("β")
-        metric = get_metric(m)
+        ax.set_ylim(*clip_ylim(ax.get_ylim(), metric.lower, metric.upper))
         ax.set_title(f"{metric.label}{DIRECTION[metric.higher_is_better]}", fontsize=9)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()

@@ -4,9 +4,10 @@ Intervals (level `level`, 95 % by default):
 - a trained configuration with >= 2 training seeds: t-interval over its per-seed means
   (the seed is the unit that is replicated);
 - the base, or a configuration with one seed: percentile bootstrap over held-out poses
-  (all evaluation seeds of a pose resampled together); FD is recomputed on the resampled
-  sets and reported as estimate +- z * bootstrap s.e. (resampling repeats clips, which
-  biases FD upwards, so its percentile interval need not contain the estimate).
+  (`scipy.stats.bootstrap`, seeded; all evaluation seeds of a pose resampled together, and
+  both sides of a paired comparison resampled with the same poses); FD is recomputed on the
+  resampled sets and reported as estimate +- z * bootstrap s.e. (resampling repeats clips,
+  which biases FD upwards, so its percentile interval need not contain the estimate).
 """
 
 from __future__ import annotations
@@ -50,31 +51,53 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Stat:
     return Stat(m, m - hw, m + hw, int(x.size), f"t over {x.size} seeds")
 
 
+def _bootstrap(stat: Callable[[np.ndarray], float], n_units: int, level: float, n_boot: int, seed: int):
+    """`scipy.stats.bootstrap` (percentile) over the unit indices 0..n_units-1, seeded: `stat` gets
+    one resampled index vector per draw, so every array it indexes with it (both sides of a
+    paired comparison: the same poses, all their evaluation seeds) is resampled together, which
+    is what scipy's `paired=True` does. Returns (its result, the finite draws); None for n < 2."""
+    import warnings
+
+    from scipy import stats
+
+    if n_units < 2:
+        return None
+    with warnings.catch_warnings():  # non-finite draws (an all-nan resample) are dropped below
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((np.arange(n_units),), lambda i: stat(i.astype(np.intp)), n_resamples=n_boot,
+                              vectorized=False, confidence_level=level, method="percentile",
+                              rng=np.random.default_rng(seed))
+    draws = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+    return res, draws[np.isfinite(draws)]
+
+
 def bootstrap_interval(stat: Callable[[np.ndarray], float], n_units: int, level: float = 0.95, n_boot: int = 1000,
                        seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap of `stat(indices)` over `n_units` resampled with replacement (seeded)."""
-    rng = np.random.default_rng(seed)
-    draws = np.array([stat(rng.integers(0, n_units, n_units)) for _ in range(n_boot)])
-    draws = draws[np.isfinite(draws)]
-    if draws.size == 0:
+    """Percentile bootstrap of `stat(indices)` over `n_units` resampled with replacement
+    (`scipy.stats.bootstrap`, seeded, paired as in `_bootstrap`); nan when n_units < 2."""
+    out = _bootstrap(stat, n_units, level, n_boot, seed)
+    if out is None or out[1].size == 0:
         return math.nan, math.nan
-    a = (1 - level) / 2
+    res, draws = out
+    if draws.size == res.bootstrap_distribution.size:
+        return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    a = (1 - level) / 2  # scipy's percentile interval, over the finite draws only
     return float(np.quantile(draws, a)), float(np.quantile(draws, 1 - a))
 
 
 def bootstrap_se_interval(stat: Callable[[np.ndarray], float], n_units: int, estimate: float, level: float = 0.95,
                           n_boot: int = 200, seed: int = 0) -> tuple[float, float]:
-    """estimate +- z * bootstrap standard error: for biased statistics such as FD, whose
-    percentile interval need not contain the estimate (resampling repeats clips, which
-    inflates the distance)."""
+    """estimate +- z * bootstrap standard error (`scipy.stats.bootstrap`, seeded, paired as in
+    `_bootstrap`): for biased statistics such as FD, whose percentile interval need not contain
+    the estimate (resampling repeats clips, which inflates the distance)."""
     from scipy import stats
 
-    rng = np.random.default_rng(seed)
-    draws = np.array([stat(rng.integers(0, n_units, n_units)) for _ in range(n_boot)])
-    draws = draws[np.isfinite(draws)]
-    if draws.size < 2:
+    out = _bootstrap(stat, n_units, level, n_boot, seed)
+    if out is None or out[1].size < 2:
         return math.nan, math.nan
-    hw = float(stats.norm.ppf(0.5 + level / 2) * draws.std(ddof=1))
+    res, draws = out
+    se = float(res.standard_error) if draws.size == res.bootstrap_distribution.size else float(draws.std(ddof=1))
+    hw = float(stats.norm.ppf(0.5 + level / 2) * se)
     return estimate - hw, estimate + hw
 
 

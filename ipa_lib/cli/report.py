@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--primary", default="hand_quality", help="metric the claims are judged on (default hand_quality)")
     p.add_argument("--command", default="make paper-table", help="the regenerate command named in the report")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print nothing (no claims, no 'wrote ...' line)")
     return p
 
 

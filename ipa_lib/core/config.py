@@ -181,6 +181,15 @@ def _directed_metric(name: str) -> str:
     return name
 
 
+# the tasks of the KFP round (pipelines/ipa_round.py), and their pod timeouts by default
+PIPELINE_TASKS = ("resolve-params", "sample", "gate", "train", "evaluate", "select-best", "register",
+                  "decide-promotion", "promote", "record-failure")
+DEFAULT_TASK_TIMEOUT_S = {
+    "resolve-params": 600, "sample": 6 * 3600, "gate": 2 * 3600, "train": 24 * 3600, "evaluate": 6 * 3600,
+    "select-best": 1800, "register": 3600, "decide-promotion": 1800, "promote": 1800, "record-failure": 600,
+}
+
+
 class PipelineConfig(Section):
     image: str = "ghcr.io/ipa-align/ipa-runtime:0.1.0"
     gpu_image: str = "ghcr.io/ipa-align/ipa-runtime:0.1.0-cuda12.8"
@@ -201,6 +210,28 @@ class PipelineConfig(Section):
     train_retries: int = Field(2, ge=0)
     shm_size_limit: str = "16Gi"  # in-memory emptyDir at /dev/shm of training pods (counts as memory)
     service_account: str = "ipa-pipeline"  # runs are submitted with it (k8s/base/serviceaccounts.yaml)
+    # train on CPU as well (the dev overlay has no GPUs): `image` for every task, no GPU
+    # request, node selector or GPU toleration
+    cpu_only: bool = False
+    image_pull_secrets: list[str] = []  # Secrets in the namespace for a private registry, on every task
+    # per task: the pod's activeDeadlineSeconds (each retry its own); tasks not named keep the default
+    task_timeout_s: dict[str, int] = dict(DEFAULT_TASK_TIMEOUT_S)
+
+    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size_limit", mode="before")
+    @classmethod
+    def _quantity(cls, v):
+        """Kubernetes quantities: `--set pipeline.cpu_limit=2` (a YAML number) means "2"."""
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("task_timeout_s")
+    @classmethod
+    def _timeouts(cls, v: dict[str, int]) -> dict[str, int]:
+        for task, seconds in v.items():
+            if task not in PIPELINE_TASKS:
+                raise ValueError(f"{task!r} is not a task of the pipeline (tasks: {', '.join(PIPELINE_TASKS)})")
+            if seconds < 1:
+                raise ValueError(f"{task}: a timeout is a positive number of seconds, got {seconds}")
+        return {**DEFAULT_TASK_TIMEOUT_S, **v}
 
     @field_validator("betas")
     @classmethod

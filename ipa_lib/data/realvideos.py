@@ -51,7 +51,7 @@ def index_videos(folder: str | os.PathLike, out_dir: str | os.PathLike) -> tuple
                "seed": 0, "num_frames": None, "height": None, "width": None, "fps": None,
                "decodable": False, "error": None}  # fmt: skip
         try:
-            info = probe(path)
+            info = probe(path, decode=True)  # a full decode: "decodable" means every frame decoded
             if info["kind"] != "video":
                 raise VideoError(path, "a still image, not a video")
             row.update(num_frames=info["frames"], height=info["height"], width=info["width"], fps=info["fps"],

@@ -8,6 +8,9 @@ memory at a time; stills (and animated GIF/APNG/TIFF) are read with Pillow.
 Decoding is strict: ffmpeg's error-level log lines (a truncated file, a damaged packet)
 make the read fail with `VideoError` after the good frames, so "decodable" means every
 frame decoded cleanly, which is what a training sample needs.
+
+`probe` reads frame count, size and fps from the container header (PyAV) and decodes only
+when the header lacks them; `iter_windows` reads a long video in windows of N frames.
 """
 
 from __future__ import annotations
@@ -235,32 +238,78 @@ def read_video(
     return np.stack(frames)
 
 
-_FPS = re.compile(r"Stream #\S+.*?: Video: .*?(\d+(?:\.\d+)?) (?:fps|tbr)")
+def iter_windows(path: str | os.PathLike, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 strict: bool = True) -> Iterator[np.ndarray]:  # fmt: skip
+    """Yield the video in windows of `size` frames, (n, H, W, 3) uint8 with n = size except
+    possibly the last: a long video in bounded memory (one window plus one frame)."""
+    if size < 1:
+        raise ValueError(f"window size must be >= 1, got {size}")
+    window: list[np.ndarray] = []
+    gen = iter_frames(path, max_pixels=max_pixels, strict=strict)
+    try:
+        for frame in gen:
+            if window and frame.shape != window[0].shape:
+                raise VideoError(path, f"frame size changes mid-video ({window[0].shape} -> {frame.shape})")
+            window.append(frame)
+            if len(window) == size:
+                yield np.stack(window)
+                window = []
+    finally:
+        gen.close()  # stops ffmpeg when the consumer stops early
+    if window:
+        yield np.stack(window)
 
 
-def header_fps(p: Path) -> float:
-    """Nominal frame rate from ffmpeg's stream header (0.0 when it has none)."""
-    proc = subprocess.run([_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(p)], capture_output=True, text=True,
-                          errors="replace")  # fmt: skip
-    m = _FPS.search(proc.stderr)
-    return float(m.group(1)) if m else 0.0
+def _header(p: Path) -> dict | None:
+    """{frames, height, width, fps} of the first video stream from the container header
+    (PyAV; nothing decoded). A field the header lacks is 0 (Matroska/WebM store no frame
+    count); None when PyAV cannot open the file or it has no video stream."""
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                return None
+            s = container.streams.video[0]
+            rate = s.average_rate or s.base_rate or s.guessed_rate
+            return {"frames": int(s.frames or 0), "height": int(s.codec_context.height or 0),
+                    "width": int(s.codec_context.width or 0), "fps": float(rate) if rate else 0.0}  # fmt: skip
+    except (av.FFmpegError, OSError, ValueError, IndexError):
+        return None
 
 
-def probe(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """{frames, height, width, fps, kind} by decoding every frame (so it also proves decodability).
+def header_fps(path: str | os.PathLike) -> float:
+    """Nominal frame rate from the stream header (0.0 when it has none)."""
+    head = _header(Path(path))
+    return head["fps"] if head else 0.0
 
-    `kind` is "image" for stills and animations Pillow reads (fps 0.0), else "video".
+
+def probe(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False) -> dict:
+    """{frames, height, width, fps, kind, frames_from} of a video or image.
+
+    Videos: frame count, size and fps from the container header (`frames_from` "header");
+    frames are decoded and counted only when the header lacks the count or the size, when
+    PyAV cannot read the header (the decoder then names the problem), or with `decode=True`
+    (`frames_from` "decode"). Only a decode proves decodability: a truncated file keeps
+    its header's count until decoded. `kind` "image": stills and animations Pillow reads
+    (always decoded, fps 0.0).
     """
     p = _check_file(path)
     kind = "image" if is_image(p) else "video"
+    head = _header(p) if kind == "video" else None
+    if head is not None and head["width"] * head["height"] > max_pixels:
+        raise VideoError(p, f"resolution {head['width']}x{head['height']} exceeds the limit of {max_pixels} pixels per frame")
+    if head is not None and head["frames"] > 0 and head["width"] > 0 and not decode:
+        return {**head, "kind": kind, "frames_from": "header"}
     frames, shape = 0, None
     for frame in iter_frames(p, max_pixels=max_pixels):
         if shape is not None and frame.shape != shape:
             raise VideoError(p, f"frame size changes mid-video ({shape} -> {frame.shape})")
         shape = frame.shape
         frames += 1
-    fps = 0.0 if kind == "image" else header_fps(p)
-    return {"frames": frames, "height": int(shape[0]), "width": int(shape[1]), "fps": fps, "kind": kind}
+    fps = 0.0 if kind == "image" else (head["fps"] if head else 0.0)
+    return {"frames": frames, "height": int(shape[0]), "width": int(shape[1]), "fps": fps, "kind": kind,
+            "frames_from": "decode"}  # fmt: skip
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray] | np.ndarray, fps: float, *,

@@ -74,6 +74,7 @@ TAG_KIND = "ipa.kind"  # "round" | "stage"
 TAG_STAGE = "ipa.stage"
 TAG_ROUND = "ipa.round"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_KFP_RUN = "ipa.kfp.run_id"  # round tag: the KFP run whose tasks logged into it (the exit handler finds it)
 TAG_ROUND_COUNTER = "ipa.round_counter"  # experiment tag: the number of the last auto-named round
 TAG_CONTEXT = "mlflow.data.context"  # dataset input tag MLflow's UI shows as the context
 ROUND_LOCK_TIMEOUT_S = 180.0  # wait this long for another stage numbering a round
@@ -643,6 +644,7 @@ def stage_run(
     dvc_stage: str | None = None,
     run_name: str | None = None,
     root: str | Path | None = None,
+    round_tags: Mapping[str, str] | None = None,
 ) -> Iterator[StageRun]:
     """A nested MLflow run for one stage of a round; yields a `StageRun`.
 
@@ -651,6 +653,7 @@ def stage_run(
     lineage_out: folder (or .json path) where the lineage for downstream stages is
         written when the block succeeds; it is also `run.lineage`.
     dvc_stage: the DVC stage name if it differs from `stage` (e.g. "train@600").
+    round_tags: tags set on the round run (e.g. `ipa.kfp.run_id`).
 
     The run is active for fluent calls (`mlflow.log_*`, `log_model`) inside the block, logs
     the flattened params, git/DVC tags and upstream stage runs, and ends FINISHED or FAILED
@@ -690,6 +693,8 @@ def stage_run(
         round_id, round_name = _create_round(tracker, params, None, previous)
     else:
         client.update_run(round_id, status="RUNNING")
+    for key, value in (round_tags or {}).items():
+        client.set_tag(round_id, key, str(value))
 
     # 2. the stage run, nested under the round
     git = git_info(tracker.root)
@@ -745,7 +750,7 @@ def numeric_leaves(prefix: str, d: Mapping[str, Any]) -> dict[str, float]:
 
 
 def tracked_stage(params: Params, stage: str, fn, *, inputs: Sequence[tuple[str | Path, str]], output: str | Path,
-                  dvc_stage: str | None = None) -> dict:
+                  dvc_stage: str | None = None, round_tags: Mapping[str, str] | None = None) -> dict:
     """Run `fn(params)` (a stage function returning its result dict) inside the stage's MLflow
     run: params, tags, the input folders as datasets (their lineage picks the round), the
     result's numbers as `<stage>/...` metrics (`log` entries as curves), the output folder as
@@ -754,7 +759,7 @@ def tracked_stage(params: Params, stage: str, fn, *, inputs: Sequence[tuple[str 
     (e.g. "train@600") so parallel members of one round do not open new rounds."""
     lineage = [read_lineage(path) for path, _ in inputs]
     name = dvc_stage or stage
-    with stage_run(params, stage, lineage, lineage_out=output, dvc_stage=dvc_stage) as run:
+    with stage_run(params, stage, lineage, lineage_out=output, dvc_stage=dvc_stage, round_tags=round_tags) as run:
         for path, dataset in inputs:
             run.log_dataset(path, name=dataset, context=name)
         result = fn(params)
@@ -765,3 +770,32 @@ def tracked_stage(params: Params, stage: str, fn, *, inputs: Sequence[tuple[str 
             run.log_artifacts(output, stage)
         run.log_outputs(output)
     return result
+
+
+def fail_round(params: Params, kfp_run_id: str, reason: str = "") -> list[dict]:
+    """Mark the round run(s) of KFP run `kfp_run_id` (tag `ipa.kfp.run_id`) FAILED: the KFP
+    exit handler's record of a failed pipeline. Stage runs left RUNNING (a killed pod) end
+    FAILED; the round gets `ipa.failed_task` (its stage runs that did not finish, or `reason`
+    when the failed task has no stage run) and `ipa.failure` (`reason`). One
+    {"round_run_id", "round", "failed_task"} per round; none when no stage opened a round."""
+    if not params.tracking.enabled or not kfp_run_id:
+        return []
+    tracker = configure(params)
+    client, exp = tracker.client, [tracker.experiment_id]
+    rounds = client.search_runs(exp, f"tags.`{TAG_KIND}` = 'round' and tags.`{TAG_KFP_RUN}` = '{kfp_run_id}'",
+                                max_results=100)
+    out = []
+    for r in rounds:
+        round_id = r.info.run_id
+        stages = client.search_runs(exp, f"tags.`{TAG_PARENT}` = '{round_id}'", max_results=1000)
+        unfinished = [s for s in stages if s.info.status != "FINISHED"]
+        for s in unfinished:
+            if s.info.status in ("RUNNING", "SCHEDULED"):
+                _terminate(tracker, s.info.run_id, "FAILED")
+        task = ", ".join(sorted(s.data.tags.get(TAG_STAGE, s.info.run_name) for s in unfinished))
+        task = task or f"a task without a stage run ({reason or 'no reason given'})"
+        client.set_tag(round_id, "ipa.failed_task", task)
+        client.set_tag(round_id, "ipa.failure", reason[:4000])
+        _terminate(tracker, round_id, "FAILED")
+        out.append({"round_run_id": round_id, "round": r.data.tags.get(TAG_ROUND, ""), "failed_task": task})
+    return out

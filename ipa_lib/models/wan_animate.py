@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from ipa_lib.core.extras import require
 from ipa_lib.models import lora as lora_lib
 
 __all__ = ["WanAnimateBackend", "cast_keeping_fp32", "check_frames", "resolve_device", "resolve_dtype"]
@@ -109,6 +110,7 @@ def _pil_mask_frames(mask: torch.Tensor) -> list:
 
 def _load_pipeline(path_or_id: str, dtype: torch.dtype):
     """`WanAnimatePipeline.from_pretrained` with errors that name the problem."""
+    require("transformers", "ftfy", extra="wan", purpose="the wan-animate backend")
     from diffusers import WanAnimatePipeline
 
     p = Path(path_or_id).expanduser()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ipa_lib.core.extras import require
+
 # 17 frames at 32x32: 5 latent frames on a 4x4 latent grid (+1 reference slot), 2x2 patches
 TINY_FRAMES = 17
 TINY_SIZE = 32
@@ -37,6 +39,7 @@ def _tokenizer():
 
 def tiny_components(seed: int = 0) -> dict:
     """The seven modules `WanAnimatePipeline(**components)` takes, tiny and random (seeded)."""
+    require("transformers", "ftfy", extra="wan", purpose="the tiny wan-animate backend")
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanAnimateTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from ipa_lib.core.config import ConfigError, Params
 from ipa_lib.core.errors import RuntimeFailure
+from ipa_lib.core.extras import require
 
 # (connect, read) seconds for every API call: an unreachable or hung server fails fast.
 DEFAULT_TIMEOUT: tuple[float, float] = (3.0, 10.0)
@@ -350,6 +351,7 @@ def preflight(
     `api_client`: a ready `kubernetes.client.ApiClient` (tests point one at a loopback
     server); otherwise one is built from the kubeconfig `context` (None = current).
     """
+    require("kubernetes", extra="cluster", purpose="`ipa cluster preflight`")
     from kubernetes import client
 
     pc = params.pipeline

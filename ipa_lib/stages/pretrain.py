@@ -71,7 +71,7 @@ def pretrain(params: Params, out_dir: str | Path, progress: bool = True) -> dict
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             curve.append({"step": step, "loss": loss.item(), "loss_ema": running})
-            bar.set_postfix(loss=f"{running:.4f}")
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
     model.eval()
     summary = {
         "steps": cfg.steps,

@@ -262,7 +262,7 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
         losses.append(value)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             log.append({"step": step, **stats, "grad_norm": grad_norm})
-            bar.set_postfix(loss=f"{value:.4f}", acc=f"{stats.get('implicit_acc', float('nan')):.2f}")
+            bar.set_postfix(loss=f"{value:.4f}", acc=f"{stats.get('implicit_acc', float('nan')):.2f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             last_good = save_checkpoint(backend, optimizer, step, log, root)
             hold_after_checkpoint(step)

@@ -11,13 +11,20 @@
   photo its "Left" is usually the person's right hand. Scoring never trusts the label for
   matching; it matches hands by position.
 
-mediapipe is imported lazily so `ipa --help` and the toy path never load it.
+mediapipe is imported lazily so `ipa --help` and the toy path never load it. Its native
+log lines are kept off stderr (`native_logs_to_debug`) and go to this module's logger at DEBUG.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
+import tempfile
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +66,63 @@ def _hands_from_result(result, width: int, height: int) -> list[Hand]:
         best = max(cats, key=lambda c: c.score)
         hands.append(Hand(float(best.score), str(best.category_name), px, wd))
     return hands
+
+
+log = logging.getLogger(__name__)
+
+# MediaPipe 1.2.3 writes from C++ straight to file descriptor 2: LiteRT/TFLite "INFO: ..." lines
+# whenever a landmarker is created or closed, absl "W0000 ..." lines (after "WARNING: Logging
+# before InitGoogle() ...") on the first detection. No switch reaches them (GLOG_minloglevel,
+# TF_CPP_MIN_LOG_LEVEL, ABSL_MIN_LOG_LEVEL, GLOG_stderrthreshold all tried; MpSetLoggingCallback
+# only adds an absl sink), so native calls run with fd 2 on a scratch file: these lines go to
+# `log.debug`, any other line (an error) back to stderr.
+_NATIVE_NOISE = re.compile(r"(INFO: |[IW]\d{4} |WARNING: Logging before InitGoogle\(\))")
+_native_lock = threading.RLock()
+_native_state = {"depth": 0, "scratch": None}
+
+
+@contextmanager
+def native_logs_to_debug() -> Iterator[None]:
+    """Run MediaPipe calls with their native INFO/WARNING lines sent to `log.debug`."""
+    with _native_lock:
+        if _native_state["depth"]:  # nested: the outer call filters
+            yield
+            return
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to protect
+            yield
+            return
+        scratch = _native_state["scratch"] = _native_state["scratch"] or tempfile.TemporaryFile(buffering=0)
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+        os.dup2(scratch.fileno(), 2)
+        _native_state["depth"] = 1
+        try:
+            yield
+        finally:
+            _native_state["depth"] = 0
+            os.dup2(saved, 2)
+            os.close(saved)
+            _replay(scratch)
+
+
+def _replay(scratch) -> None:
+    fd = scratch.fileno()
+    if os.fstat(fd).st_size == 0:
+        return
+    os.lseek(fd, 0, os.SEEK_SET)  # fd 2 shared this file's offset: read it all back, then empty it
+    chunks = list(iter(lambda: os.read(fd, 1 << 16), b""))
+    text = b"".join(chunks).decode("utf-8", "replace")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    for line in text.splitlines():
+        if _NATIVE_NOISE.match(line):
+            log.debug("mediapipe: %s", line)
+        elif line.strip():
+            os.write(2, (line + "\n").encode())
 
 
 def next_timestamp_ms(index: int, fps: float, last: int) -> int:
@@ -112,7 +176,8 @@ class HandDetector:
             min_hand_presence_confidence=pres,
             min_tracking_confidence=track,
         )
-        return vision.HandLandmarker.create_from_options(opts)
+        with native_logs_to_debug():
+            return vision.HandLandmarker.create_from_options(opts)
 
     @staticmethod
     def _mp_image(frame: np.ndarray):
@@ -131,12 +196,15 @@ class HandDetector:
         """One RGB uint8 still (H, W, 3) -> hands (IMAGE mode)."""
         self._check_open()
         if self._image_lm is not None and self._image_count >= self.recycle_every:
-            self._image_lm.close()
+            with native_logs_to_debug():
+                self._image_lm.close()
             self._image_lm, self._image_count = None, 0
         if self._image_lm is None:
             self._image_lm = self._create(video=False)
         self._image_count += 1
-        result = self._image_lm.detect(self._mp_image(frame))
+        image = self._mp_image(frame)
+        with native_logs_to_debug():
+            result = self._image_lm.detect(image)
         return _hands_from_result(result, frame.shape[1], frame.shape[0])
 
     def detect_clip(self, frames: Iterable[np.ndarray], fps: float = 16.0) -> Iterator[list[Hand]]:
@@ -153,10 +221,13 @@ class HandDetector:
             last = -1
             for i, frame in enumerate(frames):
                 last = next_timestamp_ms(i, fps, last)
-                result = lm.detect_for_video(self._mp_image(frame), last)
+                image = self._mp_image(frame)
+                with native_logs_to_debug():
+                    result = lm.detect_for_video(image, last)
                 yield _hands_from_result(result, frame.shape[1], frame.shape[0])
         finally:
-            lm.close()
+            with native_logs_to_debug():
+                lm.close()
 
     def detect_frames(self, frames: np.ndarray, fps: float = 16.0) -> list[list[Hand]]:
         """(F, H, W, 3) uint8 -> hands per frame: IMAGE mode for F == 1, else VIDEO mode."""
@@ -168,7 +239,8 @@ class HandDetector:
 
     def close(self) -> None:
         if self._image_lm is not None:
-            self._image_lm.close()
+            with native_logs_to_debug():
+                self._image_lm.close()
             self._image_lm = None
         self._closed = True
 
