@@ -105,7 +105,9 @@ def evaluate(params: Input[Artifact], beta: float, base_model: str, adapter: Inp
 
     params = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
     params.train.beta = beta
-    result = tracked_stage(params, "evaluate", lambda p: run(p, adapter.path, evaluation.path, f"{evaluation.path}/eval.json", base_model, progress=False),
+    result = tracked_stage(params, "evaluate", lambda p: run(p, adapter.path, evaluation.path, f"{evaluation.path}/eval.json", base_model, progress=False,
+                                                             # cases: the val split, what select-best and promotion use
+                                                             val_metrics_path=f"{evaluation.path}/eval_val.json"),
                            inputs=[(adapter.path, "adapter")], output=evaluation.path, dvc_stage=f"evaluate@{beta:g}")
     for k, v in eval_metric_items(result).items():
         metrics.log_metric(k, v)
@@ -115,7 +117,8 @@ def evaluate(params: Input[Artifact], beta: float, base_model: str, adapter: Inp
 def select_best(params_json: str, adapters: Input[List[Model]], evaluations: Input[List[Artifact]],
                 best_adapter: Output[Model], best_evaluation: Output[Artifact],
                 report: Output[Markdown]) -> NamedTuple("Outputs", [("beta", float), ("value", float)]):
-    """The sweep's best run by `promote.primary_metric`; copies its adapter and evaluation."""
+    """The sweep's best run by the promotion rule's primary metric (on cases: on the val split);
+    copies its adapter and evaluation."""
     import json
     from pathlib import Path
 
@@ -124,7 +127,8 @@ def select_best(params_json: str, adapters: Input[List[Model]], evaluations: Inp
 
     params = parse_params(json.loads(params_json), "params_json")
     chosen = select_from_runs([e.path for e in evaluations], [a.path for a in adapters],
-                              params.promote.primary_metric, best_adapter.path, best_evaluation.path)
+                              params.promote_rule.primary_metric, best_adapter.path, best_evaluation.path,
+                              eval_file="eval_val.json" if params.on_cases else "eval.json")
     Path(report.path).write_text(selection_markdown(chosen))
     return (chosen["beta"], chosen["value"])
 
@@ -139,7 +143,8 @@ def register(params_json: str, base_model: str, adapter: Input[Model], evaluatio
     from ipa_lib.mlops.tracking import read_lineage
 
     params = parse_params(json.loads(params_json), "params_json")
-    return register_model(params, adapter.path, base_model, f"{evaluation.path}/eval.json",
+    metrics_file = "eval_val.json" if params.on_cases else "eval.json"  # cases: promotion decides on val
+    return register_model(params, adapter.path, base_model, f"{evaluation.path}/{metrics_file}",
                           lineage_in=read_lineage(evaluation.path), record_path=registration.path)
 
 

@@ -49,7 +49,14 @@ def cluster_base_model(params: Params) -> str:
     on_pvc = params.backend.name == "toy" or raw.startswith(".") or path.parts[:1] in (("models",), ("data",))
     if path.is_absolute() or not on_pvc:
         return raw
-    return str(PurePosixPath(params.pipeline.mount_path) / path)
+    return cluster_path(params, raw)
+
+
+def cluster_path(params: Params, raw: str) -> str:
+    """A repo-relative path (`data/cases`) as the pods see it: on the workspace PVC under
+    `pipeline.mount_path`; an absolute path is passed unchanged."""
+    path = PurePosixPath(raw)
+    return raw if path.is_absolute() else str(PurePosixPath(params.pipeline.mount_path) / path)
 
 
 def _mlflow_env(task, pc) -> None:

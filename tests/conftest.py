@@ -142,6 +142,7 @@ def scratch_dvc_repo(tmp_path_factory, tiny_base):
                     '    open(_os.environ["IPA_CODE_MARKER"], "a").write(__file__ + "\\n")\n')
         write_params(repo / "params.yaml", overrides)
         shutil.copytree(tiny_base, repo / "models" / "base")
+        shutil.copytree(REPO / "data" / "cases", repo / "data" / "cases")  # the default data.cases (a dvc dep)
         (repo / ".gitignore").write_text("/.ipa/\n")
         for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
             sh(cmd, repo, env)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from ipa_lib.core.config import ConfigError, parse_params
 import torch
 
 from ipa_lib.models import lora as lora_lib
@@ -28,7 +30,7 @@ def pipe_dir(tmp_path_factory):
 
 
 def _backend(pipe_dir, **kw) -> WanAnimateBackend:
-    cfg = BackendConfig(name="wan-animate", base_model=str(pipe_dir), device="cpu", dtype="float32", num_frames=17)
+    cfg = BackendConfig(name="wan-animate", base_model=str(pipe_dir), device="cpu", dtype="float32")
     return WanAnimateBackend.from_pretrained(str(pipe_dir), cfg, max_sequence_length=TINY_TEXT_LEN, **kw)
 
 
@@ -248,8 +250,8 @@ def test_frame_count_not_4k1(backend, batch):
         backend.encode(batch["video"][:, :, :16])
     with pytest.raises(ValueError, match="pose has 16 frames"):
         backend.condition({k: (v[:, :, :16] if k in ("pose", "video") else v) for k, v in batch.items()})
-    with pytest.raises(ValueError, match="backend.num_frames"):
-        WanAnimateBackend.tiny(BackendConfig(name="wan-animate", device="cpu", num_frames=80))
+    with pytest.raises(ConfigError, match=r"data.frames: .*4k\+1"):
+        parse_params({"data": {"frames": 80}})
     check_frames(81)
 
 

@@ -50,6 +50,8 @@ def add_params_args(p: argparse.ArgumentParser, example: str = "train.beta=200",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ipa_lib.cli import animate as animate_cli
+    from ipa_lib.cli import cases as cases_cli
     from ipa_lib.cli import features as features_cli
     from ipa_lib.cli import hands as hands_cli
     from ipa_lib.cli.stages import (cmd_evaluate, cmd_gate, cmd_pretrain, cmd_promote, cmd_register, cmd_sample,
@@ -110,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     hands_cli.add_commands(sub)
+    cases_cli.add_commands(sub)
     features_cli.add_command(sub)
+    animate_cli.add_commands(sub, add_params_args)
 
     cluster = sub.add_parser("cluster", help="Kubernetes cluster checks")
     cluster = cluster.add_subparsers(dest="cluster_cmd", required=True, metavar="COMMAND")

@@ -61,9 +61,52 @@ class BackendConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
-    num_frames: int = 81  # wan-animate only, 4k+1
     guidance_scale: float = 1.0  # wan-animate only
     prompt: str = ""  # wan-animate only: text prompt, encoded once (umT5) for training and sampling
+
+
+def _check_4k1(v: int) -> int:
+    if v < 1 or (v - 1) % 4:
+        raise ValueError(f"must be 4k+1 (1, 5, 9, ..., 77, 81): Wan's VAE encodes the first frame alone, then groups of 4; got {v}")
+    return v
+
+
+class DataConfig(Section):
+    """Real data: a folder of Wan2.2-Animate cases (`ipa_lib.data.cases`), used by every stage
+    when `backend.name` is wan-animate (the toy backend runs on the embedded toy world).
+
+    Every clip of a case is taken at `height` x `width`, `frames` frames at `fps` (longer
+    videos are sampled, shorter ones refused); cases are split by case id into train / val /
+    test (`val_fraction`, `test_fraction`; the rest trains)."""
+
+    # folder of case folders (src_ref.png, src_pose.mp4, src_face.mp4, ...); the default holds
+    # only a README, so the DVC stages can depend on it (`${data.cases}`) on the toy world too
+    cases: str = "data/cases"
+    height: int = Field(720, ge=16)  # generation size: multiples of 16 (Wan-Animate)
+    width: int = Field(1280, ge=16)
+    frames: int = 77  # frames per clip, 4k+1 (what the VAE needs for a training clip)
+    fps: float = Field(30.0, gt=0)  # frames are taken at this rate from the case's videos
+    face_size: int = Field(512, ge=1)  # face crops are resized to this square (the face encoder's size)
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # selection (beta, select-best, promotion)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # the report only
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_4k1(cls, v: int) -> int:
+        return _check_4k1(v)
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (Wan-Animate's VAE and patching), got {v}; nearest: {v // 16 * 16 or 16} or {v // 16 * 16 + 16}")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must leave cases to train on, got {self.val_fraction} + {self.test_fraction}")
+        return self
 
 
 class PretrainConfig(Section):
@@ -78,18 +121,19 @@ class PretrainConfig(Section):
 
 
 class SampleConfig(Section):
-    num_clips: int = Field(256, ge=1)
-    per_pose: int = Field(2, ge=1)  # samples (seeds) per driving pose: DPO pairs need >= 2
+    num_clips: int = Field(256, ge=1)  # toy world: clips in all
+    per_pose: int = Field(2, ge=1)  # toy world: samples (seeds) per driving pose: DPO pairs need >= 2
+    per_case: int = Field(2, ge=1)  # cases: samples (seeds) per train case
+    shards: int = Field(1, ge=1)  # cases: the clip store's shard count (one sampling pod each in KFP)
     num_inference_steps: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 1000
-    # None = toy driving poses; a folder of videos = gate real clips (see gate.scorer)
-    videos_dir: str | None = None
     out: str = "data/samples"
 
 
 class GateConfig(Section):
-    scorer: Literal["toy", "mediapipe"] = "toy"
+    # auto: the toy scorer on the toy world, MediaPipe on cases (data.cases)
+    scorer: Literal["auto", "toy", "mediapipe"] = "auto"
     threshold: float = Field(0.75, ge=0.0, le=1.0)
     top_k: int = Field(96, ge=1)
     min_kept: int = Field(16, ge=1)
@@ -132,6 +176,7 @@ class EvaluateConfig(Section):
     pose_seed: int = 99_000  # held-out poses: a seed range never used by sample/pretrain
     out: str = "eval"
     metrics: str = "metrics/eval.json"
+    val_metrics: str = "metrics/eval_val.json"  # cases: the val split (select-best, promotion); `metrics` = test
 
 
 class TrackingConfig(Section):
@@ -146,14 +191,14 @@ class TrackingConfig(Section):
     register_out: str = "models/registered.json"  # `ipa register` record: name, version, run
 
 
-class PromoteConfig(Section):
+class PromoteRule(Section):
+    """Promote iff `primary_metric` beats the reference by `margin` and no metric in
+    `tolerances` falls further behind than its tolerance (directions from the metric registry)."""
+
     primary_metric: str = "hand_pass_rate"
     margin: float = Field(0.02, ge=0.0)  # candidate must beat champion by this much
     # allowed regressions of global metrics (absolute)
     tolerances: dict[str, float] = {"psnr": 1.0, "ssim": 0.02}
-    out: str = "metrics/promotion.json"  # the decision `ipa promote` made (DVC output)
-    lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion
-    lock_stale_s: float = Field(600.0, gt=0)  # a lock older than this was left by a crash
 
     @field_validator("primary_metric")
     @classmethod
@@ -168,6 +213,22 @@ class PromoteConfig(Section):
             if tol < 0:
                 raise ValueError(f"{k}: a tolerance is a non-negative amount, got {tol}")
         return v
+
+
+def _cases_rule() -> PromoteRule:
+    """Cases: ranked by a ground-truth metric of the self-reenactment val cases, never by the
+    detector that selected the training data (its numbers are tolerated, not ranked on)."""
+    return PromoteRule(primary_metric="hand_ssim", margin=0.0,
+                       tolerances={"ssim": 0.02, "psnr": 1.0, "hand_keypoint_error": 0.05})
+
+
+class PromoteConfig(PromoteRule):
+    """The toy world's rule at the top level; `cases` is the rule on real cases (data.cases)."""
+
+    cases: PromoteRule = Field(default_factory=_cases_rule)
+    out: str = "metrics/promotion.json"  # the decision `ipa promote` made (DVC output)
+    lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion
+    lock_stale_s: float = Field(600.0, gt=0)  # a lock older than this was left by a crash
 
 
 def _directed_metric(name: str) -> str:
@@ -247,6 +308,7 @@ class Params(Section):
     toy: ToyConfig = ToyConfig()
     model: ModelConfig = ModelConfig()
     backend: BackendConfig = BackendConfig()
+    data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sample: SampleConfig = SampleConfig()
     gate: GateConfig = GateConfig()
@@ -260,7 +322,27 @@ class Params(Section):
     def _consistent(self) -> "Params":
         if self.gate.min_kept > self.gate.top_k:
             raise ValueError(f"gate.min_kept ({self.gate.min_kept}) > gate.top_k ({self.gate.top_k})")
+        if self.on_cases and self.gate.scorer == "toy":
+            raise ValueError("gate.scorer=toy scores toy clips only; cases (backend.name=wan-animate) need mediapipe (or auto)")
         return self
+
+    @property
+    def on_cases(self) -> bool:
+        """True when the round runs on real cases (`data.cases`: backend.name wan-animate),
+        False on the embedded toy world (backend.name toy)."""
+        return self.backend.name != "toy"
+
+    @property
+    def gate_scorer(self) -> str:
+        """The scorer the gate runs: `gate.scorer`, with auto resolved by the world."""
+        if self.gate.scorer != "auto":
+            return self.gate.scorer
+        return "mediapipe" if self.on_cases else "toy"
+
+    @property
+    def promote_rule(self) -> PromoteRule:
+        """The promotion rule of this world: `promote.cases` on cases, `promote` on the toy world."""
+        return self.promote.cases if self.on_cases else self.promote
 
 
 def _format_errors(path: str, err: ValidationError) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ipa_lib.core import metrics as metric_registry
-from ipa_lib.core.config import PromoteConfig
+from ipa_lib.core.config import PromoteRule
 from ipa_lib.core.errors import InputError
 
 
@@ -38,7 +38,7 @@ class Decision:
         return asdict(self)
 
 
-def required_metrics(cfg: PromoteConfig) -> list[str]:
+def required_metrics(cfg: PromoteRule) -> list[str]:
     return [cfg.primary_metric, *[k for k in cfg.tolerances if k != cfg.primary_metric]]
 
 
@@ -64,7 +64,7 @@ def decide(
     candidate_metrics: Mapping[str, float],
     champion_metrics: Mapping[str, float] | None,
     base_metrics: Mapping[str, float] | None,
-    cfg: PromoteConfig,
+    cfg: PromoteRule,
     *,
     reference_label: str | None = None,
 ) -> Decision:

@@ -44,9 +44,13 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, max_value
     return float("inf") if mse == 0 else float(10.0 * np.log10(max_value**2 / mse))
 
 
-def ssim(a: np.ndarray, b: np.ndarray, max_value: float = 255.0) -> float:
+def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, max_value: float = 255.0) -> float:
     """Mean SSIM over frames and channels; inputs (..., H, W, C) uint8 or float, H and W >= 11
-    (the window; see the module docstring)."""
+    (the window; see the module docstring).
+
+    `mask` (same leading shape, no channel axis) gives the mean of the SSIM map (skimage
+    `full=True`) weighted by the mask over the same valid region (the border of half a window
+    is left out, as in the unmasked mean), all frames pooled; an all-zero mask there gives nan."""
     from skimage.metrics import structural_similarity
 
     if a.shape != b.shape:
@@ -54,6 +58,19 @@ def ssim(a: np.ndarray, b: np.ndarray, max_value: float = 255.0) -> float:
     x, y = _clip(a, "ssim"), _clip(b, "ssim")
     if min(x.shape[1:3]) < SSIM_WINDOW:
         raise ValueError(f"ssim: frames {x.shape[1:3]} are smaller than the {SSIM_WINDOW}x{SSIM_WINDOW} window")
-    # every frame has the same number of pixels: the mean of per-frame means is the clip mean
-    return float(np.mean([structural_similarity(f, g, gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False,
-                                                data_range=max_value, channel_axis=-1) for f, g in zip(x, y)]))
+    kw = dict(gaussian_weights=True, sigma=SSIM_SIGMA, use_sample_covariance=False, data_range=max_value, channel_axis=-1)
+    if mask is None:
+        # every frame has the same number of pixels: the mean of per-frame means is the clip mean
+        return float(np.mean([structural_similarity(f, g, **kw) for f, g in zip(x, y)]))
+    if mask.shape != a.shape[:-1]:
+        raise ValueError(f"ssim: mask shape {mask.shape} must be the clip's without the channel axis, {a.shape[:-1]}")
+    w = np.asarray(mask, dtype=np.float64).reshape(-1, *x.shape[1:3])
+    pad = (SSIM_WINDOW - 1) // 2
+    valid = (slice(pad, -pad), slice(pad, -pad))
+    num = den = 0.0
+    for f, g, m in zip(x, y, w):
+        _, full = structural_similarity(f, g, full=True, **kw)  # (H, W, C) map
+        m = m[valid]
+        num += float((full[valid] * m[..., None]).sum())
+        den += float(m.sum()) * full.shape[-1]
+    return float(num / den) if den > 0 else float("nan")

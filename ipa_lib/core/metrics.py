@@ -27,6 +27,8 @@ class Metric:
     # how one model's value is formed: "clip" (one value per generated clip, averaged), "set" (one
     # number per generated set, e.g. FD), "probe" (a per-clip artefact probe on stored clips), "run" (training)
     kind: str = "clip"
+    # which evaluation writes it: "toy" (the toy world), "cases" (real cases), "both"
+    world: str = "toy"
 
     def _directed(self) -> None:
         if self.higher_is_better is None:
@@ -51,9 +53,24 @@ _ALL = (
            "toy hand scorer on the generated clip (the gate's scorer: pixels + driving pose)", 0.0, 1.0),
     Metric("hand_pass_rate", True, "evaluate", "hand pass rate",
            "fraction of clips whose hand_quality reaches gate.threshold", 0.0, 1.0),
-    Metric("psnr", True, "evaluate", "PSNR (dB)", "whole clip vs ground truth, float64", 0.0, math.inf, 2),
-    Metric("ssim", True, "evaluate", "SSIM", "whole clip vs ground truth", -1.0, 1.0),
-    Metric("hand_psnr", True, "evaluate", "hand PSNR (dB)", "PSNR inside the driving pose's hand mask", 0.0, math.inf, 2),
+    Metric("psnr", True, "evaluate", "PSNR (dB)", "whole clip vs ground truth, float64", 0.0, math.inf, 2, world="both"),
+    Metric("ssim", True, "evaluate", "SSIM", "whole clip vs ground truth", -1.0, 1.0, world="both"),
+    Metric("hand_psnr", True, "evaluate", "hand PSNR (dB)", "PSNR inside the driving pose's hand mask", 0.0, math.inf, 2,
+           world="both"),
+    # cases: ground truth of self-reenactment cases (the driving video; TikTok-benchmark protocol)
+    Metric("hand_ssim", True, "evaluate", "hand SSIM",
+           "SSIM inside the driver's hand mask, self-reenactment cases (ground truth)", -1.0, 1.0, world="cases"),
+    # cases: the gate's detector (MediaPipe) looking again at the generated clip, against the driver's hands
+    Metric("hand_detect_rate", True, "evaluate", "hand detect rate (gate's detector)",
+           "frames where the driver shows a hand and the clip shows one, over frames where the driver shows one",
+           0.0, 1.0, world="cases"),
+    Metric("hand_confidence", True, "evaluate", "hand confidence (gate's detector)",
+           "mean MediaPipe handedness score of the clip's detections", 0.0, 1.0, world="cases"),
+    Metric("hand_keypoint_error", False, "evaluate", "hand keypoint error (gate's detector)",
+           "mean distance of detected to driver keypoints, in hand sizes (matched hands; unmatched = 1)",
+           0.0, math.inf, world="cases"),
+    Metric("hand_jitter", False, "evaluate", "hand jitter (gate's detector)",
+           "median landmark acceleration along tracks, in hand sizes per frame^2", 0.0, math.inf, world="cases"),
     # report: computed from stored clips, one number per generated set or per clip
     Metric("fd", False, "report", "FD", "Frechet distance of whole-clip features to real clips", 0.0, math.inf, 3, "set"),
     Metric("hand_fd", False, "report", "hand FD", "Frechet distance of hand-crop features to real clips", 0.0, math.inf, 3, "set"),
@@ -65,7 +82,8 @@ _ALL = (
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
-EVAL_METRICS: tuple[str, ...] = tuple(m.name for m in _ALL if m.stage == "evaluate")
+EVAL_METRICS: tuple[str, ...] = tuple(m.name for m in _ALL if m.stage == "evaluate" and m.world in ("toy", "both"))
+CASE_METRICS: tuple[str, ...] = tuple(m.name for m in _ALL if m.stage == "evaluate" and m.world in ("cases", "both"))
 
 
 def get(name: str) -> Metric:
@@ -78,10 +96,11 @@ def get(name: str) -> Metric:
         raise InputError(f"unknown metric {name!r} (known: {', '.join(METRICS)})") from None
 
 
-def stage_metrics(stage: str) -> tuple[str, ...]:
-    return tuple(m.name for m in _ALL if m.stage == stage)
+def stage_metrics(stage: str, world: str = "toy") -> tuple[str, ...]:
+    return tuple(m.name for m in _ALL if m.stage == stage and m.world in (world, "both"))
 
 
-def kind_metrics(kind: str) -> tuple[str, ...]:
-    """The metrics of one `kind` ("clip" | "set" | "probe" | "run"), in registry order."""
-    return tuple(m.name for m in _ALL if m.kind == kind)
+def kind_metrics(kind: str, world: str = "toy") -> tuple[str, ...]:
+    """The metrics of one `kind` ("clip" | "set" | "probe" | "run") that `world` ("toy" |
+    "cases") writes, in registry order."""
+    return tuple(m.name for m in _ALL if m.kind == kind and m.world in (world, "both"))

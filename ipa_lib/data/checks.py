@@ -116,7 +116,7 @@ def _jsonable(v):
     return str(v)
 
 
-def _typed_view(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+def _typed_view(df: pd.DataFrame, columns: list[str], schema: dict[str, str] = SCHEMA) -> pd.DataFrame:
     """Copy with schema columns as object dtype of plain Python values (None for missing).
 
     GE checks object columns value by value (row indices for every bad value); typed
@@ -128,7 +128,7 @@ def _typed_view(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         if col not in view:
             continue
         s = view[col]
-        if SCHEMA.get(col) == "int" and pd.api.types.is_float_dtype(s):
+        if schema.get(col) == "int" and pd.api.types.is_float_dtype(s):
             vals = s.dropna()
             if (vals == vals.round()).all():
                 s = s.astype("Int64")
@@ -209,7 +209,6 @@ def validate_manifest(
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     score_columns = [c for c in score_columns if c != "hand_score"]
     view = _typed_view(df, list(SCHEMA) + score_columns)
@@ -217,23 +216,31 @@ def validate_manifest(
         score = pd.to_numeric(view["hand_score"], errors="coerce")
         view[PASS_COLUMN] = ((view["decodable"] == True) & (score >= threshold)).astype(int)  # noqa: E712
 
+    expectations = _suite(gx, view, num_frames=num_frames, height=height, width=width, min_kept=min_kept,
+                          threshold=threshold, score_columns=score_columns, decodable_mostly=decodable_mostly)
+    return _run(gx, view, expectations, "sample_id")
+
+
+def _run(gx, view: pd.DataFrame, expectations: list, id_column: str) -> DataCheckReport:
+    """Validate `view` against `expectations` in an ephemeral GE context (result_format=COMPLETE)."""
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
     context.enable_analytics(False)
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    name = f"manifest-{uuid.uuid4().hex[:8]}"
+    name = f"table-{uuid.uuid4().hex[:8]}"
     batch = (
         context.data_sources.add_pandas(name)
-        .add_dataframe_asset("manifest")
+        .add_dataframe_asset("table")
         .add_batch_definition_whole_dataframe("all")
         .get_batch(batch_parameters={"dataframe": view})
     )
     suite = gx.ExpectationSuite(name=name)
-    for e in _suite(gx, view, num_frames=num_frames, height=height, width=width, min_kept=min_kept,
-                    threshold=threshold, score_columns=score_columns, decodable_mostly=decodable_mostly):  # fmt: skip
+    for e in expectations:
         suite.add_expectation(e)
     result = batch.validate(suite, result_format="COMPLETE")
 
-    ids = view["sample_id"].tolist() if "sample_id" in view else None
+    ids = view[id_column].tolist() if id_column in view else None
     failures = []
     for res in result.results:
         if res.success:
@@ -279,5 +286,72 @@ def check_or_raise(df: pd.DataFrame, report_path: str | os.PathLike, **kwargs) -
     if not report.success:
         lines = [f"manifest check failed: {len(report.failures)} of {report.evaluated} expectations "
                  f"on {report.rows} rows (report: {md})", *report.summary_lines()]  # fmt: skip
+        raise DataCheckError("\n".join(lines), report)
+    return report
+
+
+# ---- cases (ipa_lib.data.cases) ---------------------------------------------------------
+
+CASE_SCHEMA: dict[str, str] = {"case_id": "str", "path": "str", "ok": "bool", "error": "str", "mode": "str",
+                               "height": "int", "width": "int", "pose_frames": "int", "needed_frames": "int",
+                               "pose_fps": "float", "face_size": "int"}  # fmt: skip
+
+
+def _case_suite(gx, view: pd.DataFrame, data) -> list:
+    from great_expectations.expectations.row_conditions import Column
+
+    E = gx.expectations
+    usable = {"row_condition": Column("ok") == True}  # noqa: E712 - builds a GE condition
+
+    def why(text: str) -> dict:
+        return {"meta": {"why": text}}
+
+    return [
+        E.ExpectTableRowCountToBeBetween(min_value=1, **why("the cases folder holds at least one case")),
+        E.ExpectColumnValuesToNotBeNull(column="case_id", **why("every case has an id (its folder name)")),
+        E.ExpectColumnValuesToBeUnique(column="case_id", **why("case ids are unique")),
+        E.ExpectColumnValuesToBeInSet(column="ok", value_set=[True],
+                                      **why("every case has its files, decodes, and covers the clip")),
+        E.ExpectColumnValuesToNotBeNull(column="error", row_condition=Column("ok") == False,  # noqa: E712
+                                        **why("a refused case says why")),
+        E.ExpectColumnValuesToBeInSet(column="mode", value_set=["animate", "replace"], **usable,
+                                      **why("animation or replacement mode")),
+        E.ExpectColumnValuesToBeInSet(column="_height_mod16", value_set=[0], **usable,
+                                      **why("src_pose height is a multiple of 16")),
+        E.ExpectColumnValuesToBeInSet(column="_width_mod16", value_set=[0], **usable,
+                                      **why("src_pose width is a multiple of 16")),
+        E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="pose_frames", column_B="needed_frames", or_equal=True,
+                                                  **usable, **why(f"src_pose covers {data.frames} frames at {data.fps:g} fps")),
+        E.ExpectColumnValuesToBeBetween(column="pose_fps", min_value=0, strict_min=True, **usable,
+                                        **why("the pose video has a frame rate")),
+        E.ExpectColumnValuesToBeBetween(column="face_size", min_value=1, **usable, **why("face crops have a size")),
+    ]
+
+
+def check_cases(rows: list[dict], data, report_stem: str | os.PathLike | None = None) -> DataCheckReport:
+    """Great Expectations over the probed cases (`ipa_lib.data.cases.probe_case` rows).
+
+    Refused cases fail the `ok` expectation, which names them; they are skipped by the stages
+    and the batch goes on. Any other failed expectation (a duplicate id, a usable case that
+    breaks a rule) raises DataCheckError. The report goes to `<report_stem>.md/.json`.
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    df = pd.DataFrame(rows, columns=list(dict.fromkeys([*CASE_SCHEMA, *(rows[0] if rows else {})])))
+    view = _typed_view(df, list(CASE_SCHEMA), CASE_SCHEMA)
+    for col in ("height", "width"):
+        view[f"_{col}_mod16"] = pd.Series([None if v is None else int(v) % 16 for v in view[col]], dtype=object)
+    report = _run(gx, view, _case_suite(gx, view, data), "case_id")
+    if report_stem is not None:
+        from ipa_lib.core.io import atomic_write_text
+
+        stem = Path(report_stem)
+        atomic_write_text(stem.with_suffix(".md"), report.to_markdown())
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(report.to_dict(), indent=2) + "\n")
+    blocking = [f for f in report.failures if f["column"] != "ok"]
+    if blocking:
+        lines = [f"case check failed: {len(blocking)} of {report.evaluated} expectations on {report.rows} cases",
+                 *DataCheckReport(False, report.rows, report.evaluated, blocking).summary_lines()]
         raise DataCheckError("\n".join(lines), report)
     return report

@@ -7,7 +7,9 @@
   mlflow, torch, diffusers, peft, ...), not this checkout; a base given as a hub id (not
   carried) is downloaded from the hub. `predict({"reference": (H,W,3) uint8,
   "pose_video": (F,H,W,3) uint8}, params={"seed", "num_inference_steps"})` returns the
-  generated clip (F,H,W,3) uint8. docs/mlflow-serving.md serves it over HTTP.
+  generated clip (F,H,W,3) uint8; a wan-animate model also takes `face_video` (F,S,S,3)
+  and, in replacement mode, `background_video` (F,H,W,3) + `mask_video` (F,H,W) uint8
+  (see `CONDITION_INPUTS`, `model_signature`). docs/mlflow-serving.md serves it over HTTP.
 - `register_model` logs it with a signature and an input example, creates a version of
   `tracking.registered_model` with the evaluation numbers (`metrics/eval.json`) as version
   tags `eval.ipa.<k>` / `eval.base.<k>` and as metrics of the logged model, all set in the
@@ -48,7 +50,7 @@ import mlflow.pyfunc  # the model class below subclasses PythonModel
 import numpy as np
 import yaml
 
-from ipa_lib.core.config import Params, PromoteConfig, load_params
+from ipa_lib.core.config import Params, PromoteConfig, PromoteRule, load_params
 from ipa_lib.core.decisions import Decision, MetricsError, decide, required_metrics
 from ipa_lib.core.decisions import check_metrics as _check_metrics
 from ipa_lib.core.errors import RuntimeFailure
@@ -83,7 +85,7 @@ class RegistryError(RuntimeFailure):
 # ----------------------------------------------------------------------------- policy
 
 
-def read_eval_metrics(path: str | Path, cfg: PromoteConfig | None = None) -> tuple[dict[str, float], dict[str, float]]:
+def read_eval_metrics(path: str | Path, cfg: PromoteRule | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """(candidate, base) numbers from `metrics/eval.json` = {"base": {...}, "ipa": {...}}."""
     path = Path(path)
     if not path.is_file():
@@ -132,10 +134,54 @@ def start_backend(params: Params, base_model: str | Path | None = None, adapter:
     return load_backend(params, base_model, adapter, init_adapter=init or "")
 
 
-def _animate(backend, reference: np.ndarray, pose_video: np.ndarray, seed: int, num_inference_steps: int) -> np.ndarray:
+def _animate(backend, reference: np.ndarray, pose_video: np.ndarray, seed: int, num_inference_steps: int,
+             conditions: dict[str, np.ndarray] | None = None) -> np.ndarray:
     from ipa_lib.models.generate import animate
 
-    return animate(backend, reference, pose_video, seed=seed, num_inference_steps=num_inference_steps)
+    return animate(backend, reference, pose_video, seed=seed, num_inference_steps=num_inference_steps,
+                   conditions=conditions)
+
+
+# optional pyfunc inputs -> `ipa_lib.models.generate.animate` conditions (wan-animate only)
+CONDITION_INPUTS = {"face_video": "face", "background_video": "background", "mask_video": "replace_mask"}
+
+
+def _unbatch(x, ndim: int) -> np.ndarray:
+    x = np.asarray(x)
+    return x[0] if x.ndim == ndim + 1 and x.shape[0] == 1 else x
+
+
+def _conditions(model_input: Mapping, pose: np.ndarray, backend_name: str) -> dict[str, np.ndarray]:
+    """face_video (F,S,S,3) uint8; background_video (F,H,W,3) + mask_video (F,H,W) uint8
+    (or (F,H,W,3); white = where the character goes, thresholded at half as in
+    `ipa_lib.data.cases.load_case`) -> animate's conditions, checked against pose (F,H,W,3)."""
+    given = [k for k in CONDITION_INPUTS if k in model_input and model_input[k] is not None]
+    if not given:
+        return {}
+    if backend_name == "toy":
+        raise ValueError(f"{', '.join(given)}: the toy backend takes only 'reference' and 'pose_video'")
+    F, H, W = pose.shape[:3]
+    out: dict[str, np.ndarray] = {}
+    if "face_video" in given:
+        face = _unbatch(model_input["face_video"], 4)
+        if face.ndim != 4 or face.shape[-1] != 3 or face.shape[0] != F or face.shape[1] != face.shape[2]:
+            raise ValueError(f"face_video must be (F, S, S, 3) square face crops with F = {F}, got {face.shape}")
+        out["face"] = face.astype(np.uint8)
+    if ("background_video" in given) != ("mask_video" in given):
+        raise ValueError("replacement mode needs both 'background_video' and 'mask_video'")
+    if "background_video" in given:
+        bg = _unbatch(model_input["background_video"], 4)
+        if bg.shape != pose.shape:
+            raise ValueError(f"background_video must be (F, H, W, 3) = {pose.shape}, got {bg.shape}")
+        mask = np.asarray(model_input["mask_video"])
+        if mask.ndim in (4, 5) and mask.shape[-1] == 3:
+            mask = mask.mean(-1)
+        mask = _unbatch(mask, 3)
+        if mask.shape != (F, H, W):
+            raise ValueError(f"mask_video must be (F, H, W) = {(F, H, W)} (or (F, H, W, 3)), got {mask.shape}")
+        out["background"] = bg.astype(np.uint8)
+        out["replace_mask"] = (mask.astype(np.float32) / 255.0 > 0.5).astype(np.float32)
+    return out
 
 
 # log_model validates the input example by loading the model and predicting in-process; for
@@ -156,8 +202,9 @@ class IPAAnimatorModel(mlflow.pyfunc.PythonModel):
         self.backend = None if _SIGNATURE_CHECK_ONLY else _build_backend(self.params, base, arts.get("adapter"))
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
-        """model_input: {"reference": (H,W,3) uint8, "pose_video": (F,H,W,3) uint8} (a leading
-        batch axis of 1 is accepted); params: seed, num_inference_steps. -> (F,H,W,3) uint8."""
+        """model_input: {"reference": (H,W,3) uint8, "pose_video": (F,H,W,3) uint8} and, for
+        wan-animate, optional "face_video", "background_video" + "mask_video" (`_conditions`);
+        a leading batch axis of 1 is accepted; params: seed, num_inference_steps. -> (F,H,W,3) uint8."""
         if not isinstance(model_input, Mapping) or not {"reference", "pose_video"} <= set(model_input):
             raise ValueError(f"input must be a dict with 'reference' and 'pose_video' arrays, got {type(model_input).__name__}")
         ref = np.asarray(model_input["reference"])
@@ -170,22 +217,34 @@ class IPAAnimatorModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"reference must be (H, W, 3), got {ref.shape}")
         if pose.ndim != 4 or pose.shape[-1] != 3 or pose.shape[1:3] != ref.shape[:2]:
             raise ValueError(f"pose_video must be (F, H, W, 3) with H, W = {ref.shape[:2]}, got {pose.shape}")
+        conditions = _conditions(model_input, pose, self.params.backend.name)
         p = dict(params or {})
         seed = int(p.get("seed", self.params.evaluate.seeds[0] if self.params.evaluate.seeds else 0))
         steps = int(p.get("num_inference_steps", self.params.evaluate.num_inference_steps))
         if self.backend is None:  # register_model's example check for a heavy backend
             return np.zeros_like(pose, dtype=np.uint8)
-        out = _animate(self.backend, ref.astype(np.uint8), pose.astype(np.uint8), seed, steps)
+        extra = {"conditions": conditions} if conditions else {}  # toy inputs: the call they always made
+        out = _animate(self.backend, ref.astype(np.uint8), pose.astype(np.uint8), seed, steps, **extra)
         return np.asarray(out, dtype=np.uint8)
 
 
-def model_signature(params: Params):
+def model_signature(params: Params, *, replace: bool = False):
+    """Tensor inputs reference + pose_video; a wan-animate model adds face_video, and with
+    `replace` background_video + mask_video. MLflow (3.x) has no optional tensor inputs (a
+    TensorSpec is always required and undeclared inputs are dropped before predict), so a
+    toy model keeps the two inputs it always had, and the inputs a wan-animate model declares
+    are the ones its requests must carry (every Wan-Animate case has a face video)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     u8 = np.dtype("uint8")
+    inputs = [TensorSpec(u8, (-1, -1, 3), "reference"), TensorSpec(u8, (-1, -1, -1, 3), "pose_video")]
+    if params.backend.name != "toy":
+        inputs.append(TensorSpec(u8, (-1, -1, -1, 3), "face_video"))
+        if replace:
+            inputs += [TensorSpec(u8, (-1, -1, -1, 3), "background_video"), TensorSpec(u8, (-1, -1, -1), "mask_video")]
     return ModelSignature(
-        inputs=Schema([TensorSpec(u8, (-1, -1, 3), "reference"), TensorSpec(u8, (-1, -1, -1, 3), "pose_video")]),
+        inputs=Schema(inputs),
         outputs=Schema([TensorSpec(u8, (-1, -1, -1, 3), "clip")]),
         params=ParamSchema(
             [
@@ -196,8 +255,10 @@ def model_signature(params: Params):
     )
 
 
-def input_example(params: Params) -> dict[str, np.ndarray]:
-    """A small deterministic (reference, driving pose) pair at the toy resolution."""
+def input_example(params: Params, *, replace: bool = False) -> dict[str, np.ndarray]:
+    """A small deterministic (reference, driving pose) pair at the toy resolution; for
+    wan-animate also a face video (16 x 16 crops: the backend resizes them), and with
+    `replace` a background and a mask (the right half), matching `model_signature`."""
     size, frames = (params.toy.size, params.toy.frames) if params.backend.name == "toy" else (32, 5)
     yy, xx = np.mgrid[0:size, 0:size]
     ref = np.stack([xx * 255 // max(size - 1, 1), yy * 255 // max(size - 1, 1), np.full_like(xx, 128)], -1)
@@ -205,7 +266,17 @@ def input_example(params: Params) -> dict[str, np.ndarray]:
     for f in range(frames):  # a bar sweeping across the frame
         c = (f * size) // max(frames, 1)
         pose[f, :, c : c + max(size // 8, 1)] = 255
-    return {"reference": ref.astype(np.uint8), "pose_video": pose}
+    out = {"reference": ref.astype(np.uint8), "pose_video": pose}
+    if params.backend.name != "toy":
+        face = np.zeros((frames, 16, 16, 3), np.uint8)
+        face[:, 4:12, 4:12] = 200  # a bright square where a face crop would be
+        out["face_video"] = face
+        if replace:
+            out["background_video"] = np.repeat(ref[None].astype(np.uint8), frames, 0)
+            mask = np.zeros((frames, size, size), np.uint8)
+            mask[:, :, size // 2 :] = 255
+            out["mask_video"] = mask
+    return out
 
 
 # what loading and predicting imports (ipa_lib itself travels as the model's code, and
@@ -272,7 +343,7 @@ def register_model(
     """
     if not params.tracking.enabled:
         raise RegistryError("tracking.enabled is false: registering needs an MLflow store")
-    cand, base = read_eval_metrics(metrics_path, params.promote)  # fail before logging anything
+    cand, base = read_eval_metrics(metrics_path, params.promote_rule)  # fail before logging anything
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir() or not any(adapter_dir.iterdir()):
         raise RegistryError(f"{adapter_dir}: adapter folder missing or empty; run `ipa train` first")
@@ -432,7 +503,7 @@ def champion_version(client, name: str, alias: str) -> int | None:
         raise
 
 
-def _candidate_numbers(mv, cfg: PromoteConfig, name: str) -> tuple[dict, dict]:
+def _candidate_numbers(mv, cfg: PromoteRule, name: str) -> tuple[dict, dict]:
     cand, base = version_metrics(mv)
     need = required_metrics(cfg)
     missing = [k for k in need if k not in cand]
@@ -505,7 +576,7 @@ def promote(
     """
     if candidate is not None and to_version is not None:
         raise RegistryError("give either a candidate or --to-version, not both")
-    tc, pc = params.tracking, params.promote
+    tc, pc, rule = params.tracking, params.promote, params.promote_rule
     tracker = configure(params, root, experiment=False)
     client, name, alias = tracker.client, tc.registered_model, tc.alias
     _get_model(client, name, tracker.uri)
@@ -521,7 +592,7 @@ def promote(
                 raise RegistryError(f"registered model {name!r} has no versions")
             candidate = max(int(m.version) for m in versions)
         mv = _get_version(client, name, candidate)
-        cand, base = _candidate_numbers(mv, pc, name)  # before the lock: a bad candidate changes nothing
+        cand, base = _candidate_numbers(mv, rule, name)  # before the lock: a bad candidate changes nothing
     v = int(mv.version)
 
     lock = contextlib.nullcontext() if dry_run else promotion_lock(client, name, pc.lock_timeout_s, pc.lock_stale_s)
@@ -536,13 +607,13 @@ def promote(
             champ_metrics = None
             if prev is not None:
                 champ_metrics, _ = version_metrics(client.get_model_version(name, str(prev)))
-                missing = [k for k in required_metrics(pc) if k not in champ_metrics]
+                missing = [k for k in required_metrics(rule) if k not in champ_metrics]
                 if missing:
                     raise MetricsError(
                         f"current {alias} {name} v{prev} lacks metrics {missing}; promote explicitly with --to-version"
                     )
             label = f"{alias} v{prev}" if prev is not None else "base model"
-            d = decide(cand, champ_metrics, base if prev is None else None, pc, reference_label=label)
+            d = decide(cand, champ_metrics, base if prev is None else None, rule, reference_label=label)
         d.compared["reference_version"] = prev
         d.candidate, d.previous_champion, d.dry_run, d.model = v, prev, dry_run, name
         d.champion = v if d.promote else prev

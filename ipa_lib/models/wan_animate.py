@@ -218,8 +218,6 @@ class WanAnimateBackend:
     def _from_cfg(cfg) -> tuple[torch.device, torch.dtype, dict]:
         if cfg is None:
             return torch.device("cpu"), torch.float32, {}
-        if getattr(cfg, "num_frames", None) is not None:
-            check_frames(int(cfg.num_frames), "backend.num_frames")
         extra = {"gradient_checkpointing": bool(cfg.gradient_checkpointing), "guidance_scale": float(cfg.guidance_scale)}
         for key in ("prompt", "negative_prompt", "max_sequence_length"):
             if getattr(cfg, key, None) is not None:

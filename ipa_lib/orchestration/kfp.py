@@ -125,6 +125,10 @@ def pipeline_arguments(params: Params, overrides: list[str] | None = None, *, lo
     ipa_round = _pipeline_module()
     if base_model is None:
         base_model = local_base_model(params) if local else ipa_round.cluster_base_model(params)
+    cases = (local_cases(params) if local else ipa_round.cluster_path(params, params.data.cases)) if params.on_cases \
+        else params.data.cases
+    if cases != params.data.cases:  # the cases folder as the tasks see it
+        params = params.model_copy(update={"data": params.data.model_copy(update={"cases": cases})})
     return params, {
         "params_json": canonical_json(params),
         "betas": list(params.pipeline.betas),
@@ -187,6 +191,12 @@ def local_base_model(params: Params) -> str:
     if params.backend.name == "toy":
         raise ConfigError(f"backend.base_model: {path} is not a folder (models/base is committed to git: restore it with `git checkout -- models/base`, or rebuild it with `ipa pretrain`)")
     return params.backend.base_model
+
+
+def local_cases(params: Params) -> str:
+    """`data.cases` for a local run: resolved against the working directory (the tasks run elsewhere)."""
+    path = Path(params.data.cases).expanduser()
+    return str(path.resolve()) if path.exists() else params.data.cases
 
 
 # ----------------------------------------------------------------------------- compile
@@ -507,7 +517,7 @@ def _docker_runner(params: Params, arguments: dict, pipeline_root: Path, image: 
         os.chown(pipeline_root, RUNTIME_UID, RUNTIME_UID)
     else:  # a rootful engine keeps uid 10001, a rootless one maps it: either way it must write here
         pipeline_root.chmod(0o777)
-    reads = [arguments["base_model"], params.sample.videos_dir, params.gate.hand_landmarker, params.backend.init_adapter]
+    reads = [arguments["base_model"], params.data.cases, params.gate.hand_landmarker, params.backend.init_adapter]
     mounts = [Mount(target=str(p), source=str(p), type="bind", read_only=True)
               for p in sorted({Path(r).resolve() for r in reads if r and Path(r).exists()})]
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}

@@ -9,19 +9,35 @@ Metrics per clip (means reported; per-clip rows kept for intervals):
 - hand_pass_rate: fraction of clips with hand_quality >= gate.threshold
 - psnr, ssim:     whole clip against the ground-truth rendering of that pose (float64)
 - hand_psnr:      PSNR inside the driving pose's hand mask
+
+On cases (`data.cases`, `evaluate_cases`): every test and val case is animated once per
+evaluation seed (generator seed `case_seed(case_id, 7_000_000 + seed, 0)`, the same for both
+models) with its own conditioning. Per clip, the CASE_METRICS of `ipa_lib.core.metrics`:
+the gate's detector (MediaPipe, VIDEO mode) against the driver's hands (hand_detect_rate,
+hand_confidence, hand_keypoint_error, hand_jitter; `ipa_lib.data.hands.agreement`) and, on
+self-reenactment cases, psnr / ssim against the driving video and hand_psnr / hand_ssim inside
+the driver's hand mask. Means over the clips that define a metric; a metric no clip defines
+is left out. Test cases give `evaluate.metrics` (the report), val cases `evaluate.val_metrics`
+(select-best and promotion).
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from ipa_lib.core.config import Params
-from ipa_lib.core.metrics import EVAL_METRICS
+from ipa_lib.core.errors import InputError
+from ipa_lib.core.metrics import CASE_METRICS, EVAL_METRICS
 from ipa_lib.core.results import EvalResult
 
+TOY_NO_VAL = "toy world: no val split yet; selection and promotion use evaluate.metrics"
 METRICS = EVAL_METRICS  # the metric registry's evaluate-stage metrics (ipa_lib.core.metrics)
+SHOWN = 6  # clips in the side-by-side strip
+log = logging.getLogger(__name__)
 
 
 def clip_metrics(video: np.ndarray, target: np.ndarray, hand_keypoints: np.ndarray, mask: np.ndarray, scorer, threshold: float) -> dict[str, float]:
@@ -51,7 +67,10 @@ def per_seed(rows: list[dict], model: str) -> dict[str, dict[str, float]]:
 
 
 def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
-             base_model: str | None = None, progress: bool = True) -> EvalResult:
+             base_model: str | None = None, progress: bool = True, val_metrics_path: str | Path | None = None) -> EvalResult:
+    """Base vs aligned; writes `out_dir`, `metrics_path` and the val split's numbers to
+    `val_metrics_path` (default `evaluate.val_metrics` on cases; on the toy world, which has no
+    val split yet, a file saying so, written only when `val_metrics_path` is given)."""
     from ipa_lib.stages.common import load_start_backend as load_backend
     from ipa_lib.data.tensors import hand_masks
     from ipa_lib.core.io import atomic_dir, atomic_write_json, require_dir, save_npz
@@ -60,6 +79,8 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
     from ipa_lib.data.toy_quality import ToyHandScorer
     from ipa_lib.data.visualize import side_by_side
 
+    if params.on_cases:
+        return evaluate_cases(params, adapter_dir, out_dir, metrics_path, base_model, progress, val_metrics_path)
     cfg, toy = params.evaluate, params.toy
     adapter_dir = require_dir(adapter_dir, "adapter")
     backend = load_backend(params, base_model, adapter_dir)
@@ -98,4 +119,153 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
         side_by_side(tmp / "side_by_side", {"driving pose": cond["pose"][:n], "base": shown["base"][:n],
                                             "IPA": shown["ipa"][:n], "ground truth": cond["target"][:n]})
     atomic_write_json(metrics_path, result)
+    if val_metrics_path is not None:  # the DVC output exists in both worlds
+        atomic_write_json(val_metrics_path, {"base": {}, "ipa": {}, "note": TOY_NO_VAL})
     return {**result, "details": details}
+
+
+# ---- cases -----------------------------------------------------------------------------
+
+def case_clip_metrics(video: np.ndarray, case: dict[str, np.ndarray], scorer, self_reenactment: bool) -> dict[str, float]:
+    """The CASE_METRICS one clip (F, H, W, 3) uint8 of a loaded case (`load_case`) defines."""
+    from ipa_lib.core.image_metrics import psnr, ssim
+    from ipa_lib.data.hands.agreement import hand_agreement
+    from ipa_lib.data.hands.masks import keypoints_mask
+
+    out = hand_agreement(scorer.detect(video), case["hand_keypoints"])
+    if self_reenactment:
+        truth = case["driving"]
+        out["psnr"], out["ssim"] = psnr(video, truth), ssim(video, truth)
+        mask = keypoints_mask(case["hand_keypoints"], video.shape[1], video.shape[2])
+        if mask.any():
+            out["hand_psnr"], out["hand_ssim"] = psnr(video, truth, mask), ssim(video, truth, mask)
+    return {m: float(out[m]) for m in CASE_METRICS if m in out and not np.isnan(out[m])}
+
+
+def summarize_cases(rows: list[dict], model: str) -> dict[str, float]:
+    """Means over the clips of `model` that define each metric; a metric none defines is left out."""
+    out = {}
+    for m in CASE_METRICS:
+        values = [r["metrics"][m] for r in rows if r["model"] == model and m in r["metrics"]]
+        if values:
+            out[m] = float(np.mean(values))
+    return out
+
+
+def _defined(rows: list[dict]) -> dict[str, dict[str, int]]:
+    return {model: {m: sum(m in r["metrics"] for r in rows if r["model"] == model) for m in CASE_METRICS}
+            for model in ("base", "ipa")}
+
+
+def eval_splits(params: Params, rows: list[dict]) -> dict[str, list[dict]]:
+    """The test and val cases of scanned rows; no test case is an InputError naming the splits."""
+    from ipa_lib.data.cases import cases_of
+
+    splits = {s: cases_of(rows, s) for s in ("test", "val")}
+    if not splits["test"]:
+        raise InputError(f"data.cases: {params.data.cases}: no usable case in the test split, nothing to evaluate "
+                         f"(splits: {({r['case_id']: r['split'] for r in rows if r['ok']})}; "
+                         f"data.test_fraction={params.data.test_fraction})")  # fmt: skip
+    return splits
+
+
+def evaluate_cases(params: Params, adapter_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
+                   base_model: str | None = None, progress: bool = True, val_metrics_path: str | Path | None = None) -> dict:
+    """Base vs aligned on the test and val cases of `data.cases` (module docstring)."""
+    from ipa_lib.core.io import require_dir
+    from ipa_lib.data.cases import scan
+    from ipa_lib.stages.common import load_start_backend as load_backend
+
+    adapter_dir = require_dir(adapter_dir, "adapter")
+    rows = scan(params)
+    eval_splits(params, rows)  # fail before loading a model
+    backend = load_backend(params, base_model, adapter_dir)
+    return evaluate_cases_with(backend, params, rows, out_dir, metrics_path, progress, val_metrics_path)
+
+
+def evaluate_cases_with(backend, params: Params, rows: list[dict], out_dir: str | Path, metrics_path: str | Path,
+                        progress: bool = True, val_metrics_path: str | Path | None = None) -> dict:
+    """`evaluate_cases` on a loaded backend (its adapter on = aligned, off = base) and scanned rows."""
+    from tqdm.auto import tqdm
+
+    from ipa_lib.core.io import atomic_dir, atomic_write_json
+    from ipa_lib.data.cases import load_case
+    from ipa_lib.data.hands.quality import MediaPipeHandScorer
+    from ipa_lib.data.visualize import side_by_side
+    from ipa_lib.models.generate import generate_clips
+    from ipa_lib.data.clip_store import CONDITIONS
+    from ipa_lib.data.cases import case_seed
+
+    cfg = params.evaluate
+    splits = eval_splits(params, rows)
+    per_clip: list[dict] = []
+    failed: dict[str, str] = {}
+    seeds: dict[str, list[int]] = {}
+    shown: list[dict] = []
+    with MediaPipeHandScorer(params.gate.hand_landmarker, fps=params.data.fps) as scorer:
+        for split, cases in splits.items():
+            for case in tqdm(cases, desc=f"evaluate[{split}]", disable=not progress, leave=False):
+                cid = case["case_id"]
+                try:
+                    loaded = load_case(case["path"], params.data)
+                except (InputError, OSError, ValueError) as err:
+                    failed[cid] = str(err)
+                    log.warning("evaluate: skipping case %s: %s", cid, err)
+                    continue
+                truth = bool(case.get("self_reenactment")) and "driving" in loaded
+                extra = {k: loaded[k][None] for k in CONDITIONS if k in loaded}
+                seeds[cid] = [case_seed(cid, 7_000_000 + s, 0) for s in cfg.seeds]
+                for s, seed in zip(cfg.seeds, seeds[cid]):
+                    clips = {}
+                    for model in ("base", "ipa"):
+                        with backend.reference_model() if model == "base" else nullcontext():
+                            clips[model] = generate_clips(backend, loaded["reference"][None], loaded["pose"][None], [seed],
+                                                          cfg.num_inference_steps, 1, False, conditions=extra)[0]  # fmt: skip
+                        per_clip.append({"split": split, "case_id": cid, "eval_seed": s, "seed": seed, "model": model,
+                                         "self_reenactment": truth,
+                                         "metrics": case_clip_metrics(clips[model], loaded, scorer, truth)})  # fmt: skip
+                    if split == "test" and s == cfg.seeds[0] and len(shown) < SHOWN:
+                        shown.append({"case": loaded, "truth": truth, **clips})
+            if split == "test" and not shown:
+                lines = "\n".join(f"  {c}: {e}" for c, e in failed.items())
+                raise InputError(f"data.cases: {params.data.cases}: no test case could be loaded\n{lines}")
+
+    def result(split: str) -> dict:
+        sel = [r for r in per_clip if r["split"] == split]
+        out = {"base": summarize_cases(sel, "base"), "ipa": summarize_cases(sel, "ipa")}
+        if not splits[split]:
+            out["note"] = f"no {split} cases"
+        elif not sel:
+            out["note"] = f"no {split} case could be loaded (see details.failed)"
+        return out
+
+    test_result, val_result = result("test"), result("val")
+    details = {
+        "method": params.train.loss, "beta": params.train.beta, "hand_weight": params.train.hand_weight,
+        "seeds": cfg.seeds, "case_seeds": seeds,
+        "cases": {split: [c["case_id"] for c in cases] for split, cases in splits.items()},
+        "self_reenactment": {c["case_id"]: bool(c.get("self_reenactment")) for cases in splits.values() for c in cases},
+        "failed": failed, "refused": {r["case_id"]: r["error"] for r in rows if not r["ok"]},
+        "defined": {split: _defined([r for r in per_clip if r["split"] == split]) for split in splits},
+        "hand_metrics": "the gate's detector (MediaPipe HandLandmarker, VIDEO mode) on the generated clip vs the driver's hands",
+    }  # fmt: skip
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_json(tmp / "per_clip.json", per_clip)
+        atomic_write_json(tmp / "details.json", details)
+        side_by_side(tmp / "side_by_side", _strip_columns(shown))
+    atomic_write_json(metrics_path, test_result)
+    atomic_write_json(val_metrics_path or cfg.val_metrics, val_result)
+    return {**test_result, "val": val_result, "details": details}
+
+
+def _strip_columns(shown: list[dict]) -> dict[str, np.ndarray]:
+    """driver | base | aligned, and the ground truth when a shown case is a self-reenactment
+    (then the driver column is the pose video, the driving video being the ground truth;
+    blank for a case without one)."""
+    base, ipa = np.stack([s["base"] for s in shown]), np.stack([s["ipa"] for s in shown])
+    if not any(s["truth"] for s in shown):
+        driver = np.stack([s["case"].get("driving", s["case"]["pose"]) for s in shown])
+        return {"driver": driver, "base": base, "aligned": ipa}
+    truth = np.stack([s["case"]["driving"] if s["truth"] else np.full_like(s["base"], 255) for s in shown])
+    return {"driving pose": np.stack([s["case"]["pose"] for s in shown]), "base": base, "aligned": ipa,
+            "ground truth": truth}

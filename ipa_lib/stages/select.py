@@ -43,10 +43,12 @@ def select_from_runs(
     primary: str,
     out_adapter: str | Path,
     out_eval: str | Path,
+    eval_file: str = EVAL_FILE,
 ) -> dict:
     """Choose the best (adapter, evaluation) pair of a sweep and copy both out.
 
-    eval_dirs: evaluation folders (`eval.json` + `details.json` with the run's beta);
+    eval_dirs: evaluation folders (`eval_file` + `details.json` with the run's beta; `eval_file` is
+    `eval.json`, or `eval_val.json` on cases, where selection uses the val split);
     adapter_dirs: adapter folders (`train_summary.json` with the beta they were trained
     with). Pairs are matched by beta, not by list position. Returns {"index", "beta",
     "primary_metric", "value", "metrics", "candidates"} where candidates are sorted by beta
@@ -63,9 +65,9 @@ def select_from_runs(
     candidates = []
     for d in map(Path, eval_dirs):
         beta = _beta(_read(d / DETAILS_FILE, "evaluation details"), d / DETAILS_FILE)
-        result = _read(d / EVAL_FILE, "evaluation metrics")
+        result = _read(d / eval_file, "evaluation metrics")
         if not isinstance(result.get("ipa"), dict) or not isinstance(result.get("base"), dict):
-            raise ValueError(f'{d / EVAL_FILE}: expected {{"base": {{...}}, "ipa": {{...}}}}, got keys {sorted(result)}')
+            raise ValueError(f'{d / eval_file}: expected {{"base": {{...}}, "ipa": {{...}}}}, got keys {sorted(result)}')
         if beta not in adapters:
             raise ValueError(f"select-best: evaluation {d} has beta={beta} but no adapter was trained with it (have {sorted(adapters)})")
         candidates.append({"beta": beta, "ipa": result["ipa"], "base": result["base"], "eval_dir": d, "adapter_dir": adapters[beta]})

@@ -106,12 +106,40 @@ class TrainData:
         return out
 
 
-def load_train_data(gated_dir: str | Path, loss: str) -> TrainData:
+def kto_rows(kept: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """KTO's examples: kept samples are desirable, those below the median score undesirable.
+    Returns (row mask, desirable flag of the selected rows)."""
+    good = kept.astype(bool)
+    bad = score < np.quantile(score, 0.5)
+    rows = good | bad
+    return rows, good[rows]
+
+
+def dpo_pair_indices(pose_id: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per driving pose: its best-scored sample wins against its worst (same conditioning)."""
+    winners, losers = [], []
+    for pose in np.unique(pose_id):
+        rows = np.flatnonzero(pose_id == pose)
+        if len(rows) < 2:
+            continue
+        order = rows[np.argsort(score[rows])]
+        if score[order[-1]] > score[order[0]]:
+            winners.append(order[-1])
+            losers.append(order[0])
+    return np.array(winners, dtype=int), np.array(losers, dtype=int)
+
+
+def load_train_data(gated_dir: str | Path, loss: str):
     """IPA/SFT learn from the kept set; KTO from kept (desirable) + rejected (undesirable);
-    DPO from best-vs-worst pairs of samples that share a driving pose."""
+    DPO from best-vs-worst pairs of samples that share a driving pose. A gated case store
+    (data.cases: `clips.npz` + `manifest.jsonl`) gives a `CaseTrainData`, the toy world's
+    `kept.npz` a `TrainData`."""
     from ipa_lib.core.io import load_npz, require_dir
     from ipa_lib.data.tensors import hand_masks
 
+    gated_dir = require_dir(gated_dir, "gated samples")
+    if (gated_dir / "clips.npz").exists():
+        return CaseTrainData.load(gated_dir, loss)
     gated_dir = require_dir(gated_dir, "gated samples", "kept.npz")
     kept = load_npz(gated_dir / "kept.npz")
     if loss in ("ipa", "sft"):
@@ -119,11 +147,9 @@ def load_train_data(gated_dir: str | Path, loss: str) -> TrainData:
     else:
         scored = load_npz(gated_dir / "scored.npz")
         if loss == "kto":
-            good = scored["kept"].astype(bool)
-            bad = scored["hand_score"] < np.quantile(scored["hand_score"], 0.5)
-            rows = good | bad
+            rows, desirable = kto_rows(scored["kept"], scored["hand_score"])
             arrays = {k: scored[k][rows] for k in ("reference", "pose", "video", "hand_keypoints")}
-            arrays["desirable"] = good[rows]
+            arrays["desirable"] = desirable
         else:
             arrays = _dpo_pairs(scored)
     h, w = arrays["video"].shape[2:4]
@@ -134,20 +160,64 @@ def load_train_data(gated_dir: str | Path, loss: str) -> TrainData:
 
 
 def _dpo_pairs(scored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per driving pose: its best-scored sample wins against its worst (same conditioning)."""
-    winners, losers = [], []
-    for pose in np.unique(scored["pose_id"]):
-        rows = np.flatnonzero(scored["pose_id"] == pose)
-        if len(rows) < 2:
-            continue
-        order = rows[np.argsort(scored["hand_score"][rows])]
-        if scored["hand_score"][order[-1]] > scored["hand_score"][order[0]]:
-            winners.append(order[-1])
-            losers.append(order[0])
-    w, l = np.array(winners, dtype=int), np.array(losers, dtype=int)
+    w, l = dpo_pair_indices(scored["pose_id"], scored["hand_score"])
     out = {k: scored[k][w] for k in ("reference", "pose", "video", "hand_keypoints")}
     out["video_lose"] = scored["video"][l]
     return out
+
+
+class CaseTrainData:
+    """Training examples from a gated case store: clips, the gate's hand masks and each case's
+    real conditioning (reference, pose video, face video; background + mask in replacement
+    mode), read per batch so the training set never has to fit in memory."""
+
+    def __init__(self, store, rows: list[dict], desirable: np.ndarray | None = None, losers: list[dict] | None = None):
+        self.store, self.rows, self.desirable, self.losers = store, rows, desirable, losers
+
+    @classmethod
+    def load(cls, gated_dir: Path, loss: str) -> "CaseTrainData":
+        from ipa_lib.data.clip_store import ClipStore, read_manifest
+
+        rows = [r for r in read_manifest(gated_dir) if r.get("decodable", True) and r.get("hand_score") is not None]
+        store = ClipStore(gated_dir)
+        kept = np.array([bool(r.get("kept")) for r in rows])
+        score = np.array([float(r["hand_score"]) for r in rows])
+        if loss in ("ipa", "sft"):
+            data = cls(store, [r for r, k in zip(rows, kept) if k])
+        elif loss == "kto":
+            sel, desirable = kto_rows(kept, score)
+            data = cls(store, [r for r, k in zip(rows, sel) if k], desirable)
+        else:
+            w, l = dpo_pair_indices(np.array([r["pose_id"] for r in rows]), score)
+            data = cls(store, [rows[i] for i in w], losers=[rows[i] for i in l])
+        if not data.rows:
+            raise ValueError(f"{gated_dir}: no training samples for loss {loss!r}")
+        return data
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _mask(self, row: dict) -> np.ndarray:
+        return self.store.clip({"video": row["mask"]}).astype(np.float32)
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        from ipa_lib.data.tensors import video_to_tensor
+        from ipa_lib.models.generate import condition_batch
+        from ipa_lib.data.clip_store import CONDITIONS
+
+        rows = [self.rows[int(i)] for i in idx]
+        conds = [self.store.conditions(r["case_id"]) for r in rows]
+        extra = {k: np.stack([c[k] for c in conds]) for k in CONDITIONS if k in conds[0]}
+        out = condition_batch(np.stack([c["reference"] for c in conds]), np.stack([c["pose"] for c in conds]), extra)
+        out["video"] = video_to_tensor(np.stack([self.store.clip(r) for r in rows]))
+        out["hand_mask"] = torch.from_numpy(np.stack([self._mask(r) for r in rows]))
+        if self.losers is not None:
+            lose = [self.losers[int(i)] for i in idx]
+            out["video_lose"] = video_to_tensor(np.stack([self.store.clip(r) for r in lose]))
+            out["hand_mask_lose"] = torch.from_numpy(np.stack([self._mask(r) for r in lose]))
+        if self.desirable is not None:
+            out["desirable"] = torch.from_numpy(self.desirable[idx].astype(bool))
+        return out
 
 
 # ---- checkpoints -----------------------------------------------------------------------

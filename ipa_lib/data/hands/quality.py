@@ -11,6 +11,14 @@ Components, each in [0, 1], reported separately as `score_<name>`:
               detection, over all expected hands (an unmatched one scores 0). Hands are
               matched by position, never by MediaPipe's (mirrored) handedness label.
               Skipped without a driving pose, or when the pose never shows a hand.
+- handedness: per hand matched to a pose hand, the probability that the detection is the
+              hand of the pose's slot (slot 0 = the person's left): its handedness score
+              when its label names that slot, 1 - score when it names the other. MediaPipe
+              labels as if the frame were mirrored, so on an ordinary frame "Right" is the
+              person's left (as `masks.hands_to_keypoints`). Mean over matched hands; skipped
+              without a driving pose or a match. Opt-in: computed and reported only with a
+              positive "handedness" weight (CASE_WEIGHTS, the gate on cases); not in
+              COMPONENTS / DEFAULT_WEIGHTS, so existing callers see the five above.
 - geometry:   plausible fingers on MediaPipe's metric 3D world landmarks: phalanx length
               ratios against adult anatomy (log-normal tolerance) and bend angles within the
               joints' flexion range, per finger (geometric mean), then the mean of the five
@@ -28,7 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -36,6 +44,8 @@ from ipa_lib.data.hands.landmarker import Hand, HandDetector
 from ipa_lib.data.hands.layouts import visible
 
 COMPONENTS: tuple[str, ...] = ("presence", "confidence", "agreement", "geometry", "stability")
+OPTIONAL: tuple[str, ...] = ("handedness",)  # scored only when given a positive weight
+ALL_COMPONENTS: tuple[str, ...] = COMPONENTS + OPTIONAL
 # presence and agreement carry most weight: a hand where the pose wants it, in the pose's
 # shape, is what the animation must get right; the rest guards against confident nonsense
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -45,6 +55,16 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "geometry": 0.15,
     "stability": 0.15,
 }
+# the gate on cases (driver hands from hands.json): the left/right hand in each place counts too
+CASE_WEIGHTS: dict[str, float] = {
+    "presence": 0.25,
+    "confidence": 0.15,
+    "agreement": 0.25,
+    "geometry": 0.10,
+    "stability": 0.15,
+    "handedness": 0.10,
+}
+LEFT_LABEL = "Right"  # MediaPipe's label of the person's left hand (slot 0) on an ordinary frame
 PCK_ALPHA = 0.2  # keypoint agrees within 0.2 x hand size (PCKh-style threshold)
 MATCH_MAX = 1.0  # pose hand and detection match when mean distance < 1 hand size
 MIN_VISIBLE = 5  # a pose hand is expected in a frame with >= 5 visible keypoints
@@ -193,9 +213,11 @@ def score_hands(
             raise ValueError(f"hand_keypoints must be ({num_frames}, 2, 21, 3), got {kp.shape}")
         kp = kp.copy()
         kp[..., 2] = visible(kp, min_score)  # score -> 0/1 visibility
-        presence, pck_sum, n_expected, expected = [], 0.0, 0, []
+        presence, pck_sum, n_expected, expected, sided = [], 0.0, 0, [], []
+        sided_on = weights.get("handedness", 0.0) > 0
         for f, dets in enumerate(detections):
-            pose = [kp[f, h] for h in range(2) if kp[f, h, :, 2].sum() >= MIN_VISIBLE]
+            slots = [h for h in range(2) if kp[f, h, :, 2].sum() >= MIN_VISIBLE]
+            pose = [kp[f, h] for h in slots]
             expected.append(len(pose))
             pairs = _match(pose, dets)
             denom = max(len(pose), len(dets))
@@ -205,9 +227,16 @@ def score_hands(
                 vis = pose[i][:, 2] > 0
                 err = np.linalg.norm(pose[i][vis, :2] - dets[j].landmarks[vis, :2], axis=-1)
                 pck_sum += float(np.mean(err <= PCK_ALPHA * _hand_size(dets[j].landmarks[:, :2])))
+                if not sided_on:
+                    continue
+                says_left = dets[j].handedness == LEFT_LABEL
+                p = float(np.clip(dets[j].score, 0.0, 1.0))
+                sided.append(p if says_left == (slots[i] == 0) else 1.0 - p)
         comps["presence"] = float(np.mean(presence))
         if n_expected:
             comps["agreement"] = pck_sum / n_expected
+        if sided:
+            comps["handedness"] = float(np.mean(sided))
     else:
         comps["presence"] = float(np.mean([len(d) > 0 for d in detections]))
 
@@ -220,7 +249,7 @@ def score_hands(
     total = sum(weights[c] for c in used)
     hand = sum(weights[c] * v for c, v in used.items()) / total if total > 0 else 0.0
     out = {"hand_score": float(np.clip(hand, 0.0, 1.0))}
-    out.update({f"score_{c}": float(np.clip(comps[c], 0.0, 1.0)) for c in COMPONENTS if c in comps})
+    out.update({f"score_{c}": float(np.clip(comps[c], 0.0, 1.0)) for c in ALL_COMPONENTS if c in comps})
     return out
 
 
@@ -228,9 +257,9 @@ def resolve_weights(weights: dict[str, float] | None) -> dict[str, float]:
     """DEFAULT_WEIGHTS updated by `weights`; unknown names and negative values are errors."""
     if weights is None:
         return dict(DEFAULT_WEIGHTS)
-    unknown = set(weights) - set(COMPONENTS)
+    unknown = set(weights) - set(ALL_COMPONENTS)
     if unknown:
-        raise ValueError(f"unknown score components {sorted(unknown)}; valid: {', '.join(COMPONENTS)}")
+        raise ValueError(f"unknown score components {sorted(unknown)}; valid: {', '.join(ALL_COMPONENTS)}")
     merged = {**DEFAULT_WEIGHTS, **{k: float(v) for k, v in weights.items()}}
     if any(v < 0 for v in merged.values()) or sum(merged.values()) <= 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {merged}")
@@ -244,8 +273,6 @@ class MediaPipeHandScorer:
     One detector per scorer; each clip gets a fresh VIDEO-mode tracker (IMAGE mode for F=1).
     """
 
-    components: tuple[str, ...] = COMPONENTS
-
     def __init__(
         self,
         model_path: str | os.PathLike | None = None,
@@ -256,6 +283,8 @@ class MediaPipeHandScorer:
         min_detection_confidence: float = 0.3,
     ) -> None:
         self.weights = resolve_weights(weights)
+        # the score_<name> columns this scorer can report: the five, plus opted-in ones
+        self.components = COMPONENTS + tuple(c for c in OPTIONAL if self.weights.get(c, 0.0) > 0)
         self.fps = fps
         self.detector = HandDetector(
             model_path, num_hands=num_hands, min_detection_confidence=min_detection_confidence
@@ -264,6 +293,16 @@ class MediaPipeHandScorer:
     def detect(self, frames: np.ndarray) -> list[list[Hand]]:
         """(F, H, W, 3) uint8 -> detections per frame."""
         return self.detector.detect_frames(np.asarray(frames), self.fps)
+
+    def detect_clip(self, frames: Iterable[np.ndarray]) -> list[list[Hand]]:
+        """Frames of one clip, consumed one at a time -> detections per frame (VIDEO mode
+        always, fresh tracker), so a clip of any length goes through in windows."""
+        return list(self.detector.detect_clip(frames, self.fps))
+
+    def score_detections(self, detections: Sequence[Sequence[Hand]],
+                         hand_keypoints: np.ndarray | None = None) -> dict[str, float]:
+        """`score_hands` with this scorer's weights."""
+        return score_hands(detections, hand_keypoints, self.weights)
 
     def score(self, frames: np.ndarray, hand_keypoints: np.ndarray | None = None) -> dict[str, float]:
         frames = np.asarray(frames)
