@@ -1,9 +1,12 @@
 """Training-step benchmark: SFT vs IPA vs Diffusion-DPO on one model and batch, and the
 reference model by adapter-disable vs by deep copy. Writes JSON.
 
-One step = what `ipa train` does per step: `ipa_lib.stages.train.compute_loss` (VAE encode,
-conditioning, t/noise draw, policy and reference forwards, loss) + backward + AdamW step
-on the LoRA weights. Modes:
+One step = what one process of `ipa train` does per step (`ipa_lib.stages.train.train`):
+`compute_loss` (VAE encode, conditioning, t/noise draw, policy and reference forwards, loss)
+under the run's accelerator (`make_accelerator`: autocast), backward, gradient clipping at
+`train.max_grad_norm`, AdamW (`train.lr`, no weight decay) on the LoRA weights; the speed
+settings `train.compile` / `train.checkpoint_blocks` applied by `ipa_lib.models.speed`, as
+`train` applies them (`--compile`, `--checkpoint-layers`). Modes:
     sft       policy forward + backward                                  (~3 forward-equivalents)
     ipa       + one no-grad reference forward, adapters disabled         (~4)
     ipa_copy  IPA with the reference as a frozen deep copy of the model  (~4, + a copy of the weights)
@@ -155,9 +158,10 @@ class CopyReference:
 
 def build(model: str, device: torch.device, args) -> tuple[object, dict, dict]:
     """(backend with LoRA, batch with winner and loser clips, info)."""
-    from ipa_lib.core.config import BackendConfig, ModelConfig, TrainConfig
+    from ipa_lib.core.config import BackendConfig, ModelConfig
+    from ipa_lib.models.speed import apply_speed_settings, speed_summary
 
-    tcfg = TrainConfig()
+    tcfg = train_config(model, args)
     g = torch.Generator().manual_seed(0)
     if model == "toy":
         from ipa_lib.models.toy import ToyBackend, build_transformer
@@ -170,7 +174,7 @@ def build(model: str, device: torch.device, args) -> tuple[object, dict, dict]:
         from ipa_lib.models.wan_animate import WanAnimateBackend
         from ipa_lib.models.wan_tiny import TINY_FRAMES, TINY_SIZE
 
-        cfg = BackendConfig(name="wan-animate", device=str(device), dtype="float32", num_frames=TINY_FRAMES)
+        cfg = BackendConfig(name="wan-animate", device=str(device), dtype="float32")
         be = WanAnimateBackend.tiny(cfg)
         B, F, S = args.batch or 2, TINY_FRAMES, TINY_SIZE
         batch = _pixel_batch(B, F, S, g)
@@ -186,7 +190,6 @@ def build(model: str, device: torch.device, args) -> tuple[object, dict, dict]:
             tr = WanTransformer3DModel(**shape, rope_max_seq_len=1024)
         cast_keeping_fp32(tr, dtype)  # as from_pretrained(dtype=bf16): rope, norms, time embedder stay fp32
         tr.eval().requires_grad_(False)
-        _checkpoint_blocks(tr, args.checkpoint_layers)
         be = RawWanBackend(tr, device, dtype)
         f, h, w = args.latent
         B = args.batch or 1
@@ -197,13 +200,15 @@ def build(model: str, device: torch.device, args) -> tuple[object, dict, dict]:
         }
         batch["hand_mask_lose"] = batch["hand_mask"]
         info = {"clip": f"{4 * (f - 1) + 1} frames at {8 * h}x{8 * w} (latent {f}x{h}x{w})", "latent": [16, f, h, w],
-                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()}, "dtype": str(dtype),
-                "checkpointed_blocks": _count_checkpointed(tr)}
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()}, "dtype": str(dtype)}
     else:
         raise SystemExit(f"unknown model {model!r}")
+    torch.manual_seed(tcfg.seed)  # as `train`: add_lora, then the speed settings
     be.add_lora(tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_targets)
+    speed = apply_speed_settings(be, tcfg)
     tr = be.transformer
     info.update(
+        checkpointed_blocks=speed_summary(tr)["checkpointed"], compiled=speed["compiled"],
         batch=B,
         base_params=sum(p.numel() for n, p in tr.named_parameters() if "lora_" not in n),
         lora_params=sum(p.numel() for n, p in tr.named_parameters() if "lora_" in n),
@@ -220,34 +225,14 @@ def _pixel_batch(B, F, S, g) -> dict:
     return {**win, "video_lose": lose["video"], "hand_mask_lose": win["hand_mask"]}
 
 
-def _checkpoint_blocks(transformer, n: int, compile_blocks: bool = False) -> None:
-    """Gradient-checkpoint the first `n` transformer blocks (n < 0: all, 0: none), keeping
-    module names (so LoRA keys do not change); calling it again replaces the previous choice.
-    `compile_blocks`: torch.compile each block's forward *inside* the checkpoint (regional
-    compilation that still drops the block's activations)."""
-    from torch.utils.checkpoint import checkpoint
+def train_config(model: str, args, **changes):
+    """The TrainConfig a step runs with: defaults, `--compile`, and `--checkpoint-layers` on
+    wan-1.3b (the toy and tiny models keep every activation unless --compile/ckpt ask)."""
+    from ipa_lib.core.config import TrainConfig
 
-    blocks = list(transformer.blocks)
-    n = len(blocks) if n < 0 else min(n, len(blocks))
-    for i, blk in enumerate(blocks):
-        if "forward" in vars(blk):  # undo an earlier wrap
-            del blk.forward
-        blk._ipa_checkpointed = i < n
-        if compile_blocks:
-            blk.forward = torch.compile(blk.forward)
-        if i < n:
-            fwd = blk.forward
-
-            def wrapped(*a, _fwd=fwd, **kw):
-                if torch.is_grad_enabled():
-                    return checkpoint(_fwd, *a, use_reentrant=False, **kw)
-                return _fwd(*a, **kw)
-
-            blk.forward = wrapped
-
-
-def _count_checkpointed(transformer) -> int:
-    return sum(1 for b in transformer.blocks if getattr(b, "_ipa_checkpointed", False))
+    speed = {"compile": bool(getattr(args, "compile", False)),
+             "checkpoint_blocks": args.checkpoint_layers if model == "wan-1.3b" else 0}
+    return TrainConfig(**{**speed, **changes})
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -343,16 +328,20 @@ def _sync(device):
 
 
 class Stepper:
-    """One training step of `mode` (compute_loss + backward + AdamW), its own optimizer state."""
+    """One training step of `mode`, as one process of `ipa_lib.stages.train.train` runs it
+    (accelerator autocast, compute_loss, backward, clip_grad_norm_, AdamW), its own optimizer."""
 
     def __init__(self, backend, batch: dict, mode: str):
         from ipa_lib.core.config import TrainConfig
+        from ipa_lib.models.lora import lora_parameters
+        from ipa_lib.stages.train import make_accelerator
 
         self.mode = mode
         self.cfg = TrainConfig(loss="ipa" if mode == "ipa_copy" else mode)
         self.be = CopyReference(backend) if mode == "ipa_copy" else backend
-        self.params = [p for p in backend.transformer.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-5)
+        self.accelerator = make_accelerator(self.cfg, backend)
+        self.params = lora_parameters(backend.transformer)
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
         self.batch = dict(batch)
         if mode != "dpo":
             self.batch.pop("video_lose", None)
@@ -360,16 +349,19 @@ class Stepper:
         self.i = 0
 
     def __call__(self, acc: dict | None = None) -> float:
-        from ipa_lib.stages.train import compute_loss
+        from ipa_lib.stages.train import compute_loss, step_generator
 
-        gen = torch.Generator().manual_seed(self.i)
+        gen = step_generator(self.cfg.seed, self.i)
         self.i += 1
-        with saved_bytes(acc) if acc is not None else nullcontext():
-            loss, _ = compute_loss(self.be, self.batch, self.cfg, gen)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with saved_bytes(acc) if acc is not None else nullcontext():
+            with self.accelerator.autocast():
+                loss, _ = compute_loss(self.be, self.batch, self.cfg, gen)
+        value = loss.item()
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.opt.step()
-        return loss.item()
+        return value
 
     def copy_mb(self) -> float | None:
         if self.mode != "ipa_copy":
@@ -542,7 +534,10 @@ def _bench(model, be, batch, info, device, args) -> dict:
 
 
 def run_variants(be, batch, info, fwd, device, args) -> list[dict]:
-    """Extra settings on the same model and batch: `attention=cudnn;ckpt=15;modes=ipa+sft`."""
+    """Extra settings on the same model and batch: `attention=cudnn;ckpt=15;compile=1;modes=ipa+sft`
+    (ckpt = train.checkpoint_blocks, compile = train.compile)."""
+    from ipa_lib.models.speed import configure_blocks, speed_summary
+
     out, start = [], time.time()
     for spec in args.variants:
         if time.time() - start > args.variant_budget_s:
@@ -550,8 +545,9 @@ def run_variants(be, batch, info, fwd, device, args) -> list[dict]:
             continue
         kv = dict(item.split("=", 1) for item in spec.split(";") if item)
         modes = kv.get("modes", "ipa").split("+")
-        ckpt = int(kv.get("ckpt", args.checkpoint_layers))
-        _checkpoint_blocks(be.transformer, ckpt, compile_blocks=kv.get("compile") == "1")
+        vcfg = train_config("wan-1.3b", args, checkpoint_blocks=int(kv.get("ckpt", args.checkpoint_layers)),
+                            compile=kv.get("compile") == "1")
+        configure_blocks(be.transformer, vcfg.checkpoint_blocks, vcfg.compile)
         ctx = _attention(kv.get("attention", args.attention))
         results: dict[str, dict] = {m: {} for m in modes}
         t_start = time.time()
@@ -571,14 +567,15 @@ def run_variants(be, batch, info, fwd, device, args) -> list[dict]:
                     results[mode].update(r)
         for r in results.values():
             r["variant_wall_s"] = round(time.time() - t_start, 1)
-        v = summarise("wan-1.3b", {**info, "checkpointed_blocks": _count_checkpointed(be.transformer)}, results, fwd,
-                      device, args.peak_tflops)
+        v = summarise("wan-1.3b", {**info, "checkpointed_blocks": speed_summary(be.transformer)["checkpointed"]}, results,
+                      fwd, device, args.peak_tflops)
         v = {"variant": spec, "checkpointed_blocks": v["checkpointed_blocks"], "modes": v["modes"], "ratios": v["ratios"]}
         print(f"  variant {spec}: " + ", ".join(
             f"{m} {r.get('step_s', float('nan')):.3f}s mfu {r.get('mfu', float('nan')):.3f} mem {r.get('peak_mem_mb')}"
             if "error" not in r else f"{m} {r['error'][:60]}" for m, r in v["modes"].items()), flush=True)
         out.append(v)
-    _checkpoint_blocks(be.transformer, args.checkpoint_layers)
+    base = train_config("wan-1.3b", args)
+    configure_blocks(be.transformer, base.checkpoint_blocks, base.compile)
     return out
 
 
@@ -748,7 +745,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--latent", type=int, nargs=3, default=[21, 60, 104], help="wan-1.3b latent f h w")
     ap.add_argument("--checkpoint-layers", type=int, default=-1,
-                    help="wan-1.3b: gradient-checkpoint this many blocks (-1 all, 0 none)")
+                    help="wan-1.3b: train.checkpoint_blocks, activation-checkpoint the first N blocks (-1 all, 0 none)")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile each transformer block")
     ap.add_argument("--attention", default="default", help="cuda SDPA backend: default | cudnn | flash | efficient | auto (time default and cudnn, keep the faster)")
     ap.add_argument("--layers", type=int, default=None, help="wan-1.3b: override the layer count (quick checks)")
     ap.add_argument("--variants", nargs="*", default=[],
@@ -779,7 +777,9 @@ def main(argv=None) -> int:
         "machine": machine(device),
         "settings": {"steps": args.steps, "warmup": args.warmup, "threads": args.threads if device.type == "cpu" else None,
                      "attention": args.attention, "peak_tflops_bf16": args.peak_tflops if device.type == "cuda" else None,
-                     "step": "ipa_lib.stages.train.compute_loss + backward + AdamW on LoRA weights"},
+                     "compile": args.compile,
+                     "step": "as ipa_lib.stages.train.train: accelerator autocast + compute_loss + backward + "
+                             "clip_grad_norm_ + AdamW on LoRA weights; speed settings by ipa_lib.models.speed"},
         "results": [],
     }
     for model in models:

@@ -38,16 +38,31 @@ def resolve_params(params_json: str, train_steps: int, train_lr: float, hand_wei
     return resolved
 
 
-def sample(params_json: str, base_model: str, kfp_run_id: str, samples: Output[Dataset]):
-    """Sample clips from the base model (+ `backend.init_adapter`): shard + manifest."""
+def sample_shard(params: Input[Artifact], shard: int, base_model: str, sampled: Output[Dataset]):
+    """Sample one shard of the clip store from the base model (+ `backend.init_adapter`), one
+    pod per shard: shard-NNN.npz + its cases' conditioning + shard.json (merge-shards checks them)."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.stages.sample import sample_one_shard
+
+    p = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
+    sampled.metadata.update(sample_one_shard(p, shard, sampled.path, base_model, progress=False))
+
+
+def merge_shards(params_json: str, base_model: str, kfp_run_id: str, shards: Input[List[Dataset]],
+                 samples: Output[Dataset]):
+    """The sample stage's result: validate the sampled shards (each once, no duplicate clip ids,
+    every planned clip) and assemble the clip store the gate reads (the store `ipa sample` writes)."""
     import json
 
     from ipa_lib.core.config import parse_params
-    from ipa_lib.stages.sample import sample as run
     from ipa_lib.mlops.tracking import tracked_stage
+    from ipa_lib.stages.sample import merge_shards as run
 
     params = parse_params(json.loads(params_json), "params_json")
-    result = tracked_stage(params, "sample", lambda p: run(p, samples.path, base_model, progress=False),
+    result = tracked_stage(params, "sample", lambda p: run(p, [s.path for s in shards], samples.path, base_model),
                            inputs=[], output=samples.path, round_tags={"ipa.kfp.run_id": kfp_run_id})
     samples.metadata.update(result)
 
@@ -76,11 +91,24 @@ def train(params: Input[Artifact], beta: float, base_model: str, kfp_run_id: str
 
     from ipa_lib.core.config import parse_params
     from ipa_lib.mlops.tracking import tracked_stage
-    from ipa_lib.stages.train import train as run
+    from ipa_lib.stages.train import train_in_pod as run  # accelerate launch, one process per GPU (accelerator_limit)
 
     params = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
     params.train.beta = beta  # validated on assignment (> 0)
+    # checkpoints on the workspace PVC (kfp.local has none: beside the artifact): a retried pod
+    # resumes the latest checkpoint of the same key (params, gated data, base model, beta)
+    mount = Path(params.pipeline.mount_path)
+    checkpoints = str(mount / "checkpoints") if mount.is_dir() else None
+    if params.pipeline.train_nodes > 1:  # submit a TrainJob/PyTorchJob and wait (ipa_lib/orchestration/trainjob.py)
+        def run(p, gated_dir, out_dir, base, metrics_path=None, curve_path=None, **_):
+            from ipa_lib.orchestration.trainjob import run_train_job
+            from ipa_lib.stages.train import write_train_metrics
+
+            result = run_train_job(p, gated_dir, out_dir, base, kfp_run_id)
+            write_train_metrics(result, metrics_path, curve_path)
+            return result
     summary = tracked_stage(params, "train", lambda p: run(p, gated.path, adapter.path, base_model, progress=False,
+                                                          checkpoint_root=checkpoints,
                                                           # the metrics/train*.json of a DVC run, inside the artifact
                                                           metrics_path=f"{adapter.path}/train_metrics.json",
                                                           curve_path=f"{adapter.path}/train_curve.json"),
@@ -128,7 +156,7 @@ def select_best(params_json: str, adapters: Input[List[Model]], evaluations: Inp
     params = parse_params(json.loads(params_json), "params_json")
     chosen = select_from_runs([e.path for e in evaluations], [a.path for a in adapters],
                               params.promote_rule.primary_metric, best_adapter.path, best_evaluation.path,
-                              eval_file="eval_val.json" if params.on_cases else "eval.json")
+                              eval_file="eval_val.json")
     Path(report.path).write_text(selection_markdown(chosen))
     return (chosen["beta"], chosen["value"])
 
@@ -143,8 +171,8 @@ def register(params_json: str, base_model: str, adapter: Input[Model], evaluatio
     from ipa_lib.mlops.tracking import read_lineage
 
     params = parse_params(json.loads(params_json), "params_json")
-    metrics_file = "eval_val.json" if params.on_cases else "eval.json"  # cases: promotion decides on val
-    return register_model(params, adapter.path, base_model, f"{evaluation.path}/{metrics_file}",
+    # promotion decides on the val split (the report's numbers, eval.json, are the test split)
+    return register_model(params, adapter.path, base_model, f"{evaluation.path}/eval_val.json",
                           lineage_in=read_lineage(evaluation.path), record_path=registration.path)
 
 
@@ -191,12 +219,12 @@ def record_failure(params_json: str, kfp_run_id: str, status: dsl.PipelineTaskFi
     return json.dumps(rounds) if rounds else f"no round run is tagged ipa.kfp.run_id={kfp_run_id} ({reason})"
 
 
-STAGES = (resolve_params, sample, gate, train, evaluate, select_best, register, decide_promotion, promote, record_failure)
-GPU_STAGES = (train,)
+STAGES = (resolve_params, sample_shard, merge_shards, gate, train, evaluate, select_best, register, decide_promotion, promote, record_failure)
+GPU_STAGES = (sample_shard, train, evaluate)  # the model's forward passes
 
 
 def build(image: str, gpu_image: str) -> dict:
-    """Components by function name, each running in `image` (`gpu_image` for training)."""
+    """Components by function name, each running in `image` (`gpu_image` for GPU_STAGES)."""
     return {
         fn.__name__: dsl.component(fn, base_image=gpu_image if fn in GPU_STAGES else image, install_kfp_package=False)
         for fn in STAGES

@@ -1,8 +1,15 @@
 """The KFP v2 pipeline of one alignment round.
 
     ExitHandler(record-failure) {
-        resolve-params -> sample -> gate -> ParallelFor(beta in betas: train -> evaluate)
+        resolve-params -> ParallelFor(shard in shards: sample-shard) -> merge-shards -> gate
+            -> ParallelFor(beta in betas: train -> evaluate)
             -> select-best -> register -> decide-promotion -> If(decision == promote): promote }
+
+Sampling fans out: one `sample-shard` pod per shard of the clip store (`sample.shards` on
+cases, one on the toy world: `ipa_lib.stages.sample.shard_indices`, fixed at compile time),
+then `merge-shards` checks the union (each shard once, no duplicate clip ids, every planned
+clip) and writes the store the gate reads, the same store `ipa sample` writes. The model's
+tasks (sample-shard, train, evaluate) run on the GPU pool (`_gpu_pod`) unless `cpu_only`.
 
 `build_pipeline(params)` returns the @dsl.pipeline function. Its parameters are
 `params_json` (the whole validated params.yaml as JSON), `betas` (the sweep), the typed
@@ -24,15 +31,15 @@ from ipa_lib.core.config import Params
 from ipa_lib.orchestration.kfp import canonical_json, typed_values
 
 PIPELINE_NAME = "ipa-round"
-# tasks that talk to MLflow: every stage logs its stage run (sample may also start from
-# `backend.init_adapter`, a models:/ URI), the exit handler marks a failed round; select-best
+# tasks that talk to MLflow: every stage logs its stage run (merge-shards the sample stage's;
+# sample-shard may start from `backend.init_adapter`, a models:/ URI), the exit handler marks a failed round; select-best
 # only copies files
-MLFLOW_TASKS = ("sample", "gate", "train", "evaluate", "register", "decide-promotion", "promote", "record-failure")
-# tasks that read the base model from the workspace PVC
-PVC_TASKS = ("sample", "train", "evaluate", "register")
+MLFLOW_TASKS = ("sample-shard", "merge-shards", "gate", "train", "evaluate", "register", "decide-promotion", "promote", "record-failure")
+# tasks that read the base model (or, merge-shards, the cases) from the workspace PVC
+PVC_TASKS = ("sample-shard", "merge-shards", "train", "evaluate", "register")
 # tasks never served from cache: sampling and training (inputs do not pin the data
 # version), everything that writes to the model registry, and the exit handler
-NO_CACHE_TASKS = ("sample", "train", "register", "decide-promotion", "promote", "record-failure")
+NO_CACHE_TASKS = ("sample-shard", "merge-shards", "train", "register", "decide-promotion", "promote", "record-failure")
 
 
 def params_json(params: Params) -> str:
@@ -84,8 +91,11 @@ def _configure(task, name: str, pc) -> None:
         _mlflow_env(task, pc)
 
 
-def _train_pod(task, pc) -> None:
-    """The training pod: GPU node pool (unless `cpu_only`), resources, retries, in-memory /dev/shm."""
+GPU_TASKS = ("sample-shard", "train", "evaluate")  # the model's forward passes
+
+
+def _gpu_pod(task, pc) -> None:
+    """A pod of GPU_TASKS: GPU node pool (unless `cpu_only`), resources, retries, in-memory /dev/shm."""
     from kfp import kubernetes
 
     if not pc.cpu_only:
@@ -99,7 +109,7 @@ def _train_pod(task, pc) -> None:
     task.set_cpu_limit(pc.cpu_limit)
     task.set_memory_request(pc.memory_request)
     task.set_memory_limit(pc.memory_limit)
-    if pc.train_retries:  # a node lost mid-run; each retry trains from scratch (same seeds, same result)
+    if pc.train_retries:  # a node lost mid-run; a retry redoes the task (same seeds, same result)
         task.set_retry(num_retries=pc.train_retries, backoff_duration="60s", backoff_factor=2.0)
     # PyTorch data loaders die with bus errors on the default 64 MB /dev/shm
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
@@ -111,6 +121,7 @@ def build_pipeline(params: Params):
     from kfp import dsl
 
     from components.stages import build
+    from ipa_lib.stages.sample import shard_indices
 
     pc = params.pipeline
     c = build(pc.image, pc.image if pc.cpu_only else pc.gpu_image)
@@ -119,7 +130,7 @@ def build_pipeline(params: Params):
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="One IPA alignment round: sample, gate, sweep beta (train + evaluate on the GPU pool), "
+        description="One IPA alignment round: sample (one GPU pod per shard), gate, sweep beta (train + evaluate on the GPU pool), "
                     "select the best, register it in MLflow, promote it only when it beats the champion.",
     )
     def ipa_round(params_json: str = default_params, betas: list = default_betas,
@@ -137,8 +148,14 @@ def build_pipeline(params: Params):
             _configure(resolved, "resolve-params", pc)
             p = resolved.outputs["Output"]  # every later task's params: its cache key includes all of them
             p_artifact = resolved.outputs["params"]  # the same, for the tasks inside the sweep
-            sampled = c["sample"](params_json=p, base_model=base_model, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-            _configure(sampled, "sample", pc)
+            # the shard count is compiled in; merge-shards refuses a run whose params_json plans other shards
+            with dsl.ParallelFor(items=shard_indices(params), name="sample-shards") as shard:
+                sharded = c["sample_shard"](params=p_artifact, shard=shard, base_model=base_model)
+                _configure(sharded, "sample-shard", pc)
+                _gpu_pod(sharded, pc)
+            sampled = c["merge_shards"](params_json=p, base_model=base_model, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                                        shards=dsl.Collected(sharded.outputs["sampled"]))
+            _configure(sampled, "merge-shards", pc)
             gated = c["gate"](params_json=p, samples=sampled.outputs["samples"])
             _configure(gated, "gate", pc)
 
@@ -146,10 +163,11 @@ def build_pipeline(params: Params):
                 trained = c["train"](params=p_artifact, beta=beta, base_model=base_model,
                                      kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gated=gated.outputs["gated"])
                 _configure(trained, "train", pc)
-                _train_pod(trained, pc)
+                _gpu_pod(trained, pc)
                 evaluated = c["evaluate"](params=p_artifact, beta=beta, base_model=base_model,
                                           adapter=trained.outputs["adapter"])
                 _configure(evaluated, "evaluate", pc)
+                _gpu_pod(evaluated, pc)
 
             best = c["select_best"](params_json=p, adapters=dsl.Collected(trained.outputs["adapter"]),
                                     evaluations=dsl.Collected(evaluated.outputs["evaluation"]))

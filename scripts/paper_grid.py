@@ -68,6 +68,7 @@ BUDGET = {
     "train.spike_factor": 1000,
     "train.log_every": 10,
     "evaluate.num_poses": 24,
+    "evaluate.val_poses": 24,
     "evaluate.seeds": "[0]",
     "evaluate.num_inference_steps": 10,
     "tracking.experiment": "ipa-align-paper",

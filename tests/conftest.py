@@ -31,7 +31,7 @@ TINY = [
     "sample.num_clips=12", "sample.num_inference_steps=3", "sample.batch_size=12",
     "gate.threshold=0.128", "gate.top_k=8", "gate.min_kept=2",
     "train.steps=6", "train.batch_size=4", "train.checkpoint_every=2", "train.log_every=1", "train.lora_rank=4", "train.lora_alpha=4",
-    "evaluate.num_poses=3", "evaluate.seeds=[0]", "evaluate.num_inference_steps=2",
+    "evaluate.num_poses=3", "evaluate.val_poses=3", "evaluate.seeds=[0]", "evaluate.num_inference_steps=2",
     "tracking.enabled=false",
 ]
 

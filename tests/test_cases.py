@@ -196,7 +196,7 @@ def test_data_params_refuse_sizes_wan_cannot_take():
     p = parse_params({"backend": {"name": "wan-animate"}})
     assert p.on_cases and p.gate_scorer == "mediapipe" and p.promote_rule.primary_metric == "hand_ssim"
     toy = parse_params({})
-    assert not toy.on_cases and toy.gate_scorer == "toy" and toy.promote_rule.primary_metric == "hand_pass_rate"
+    assert not toy.on_cases and toy.gate_scorer == "toy" and toy.promote_rule.primary_metric == "hand_psnr"
 
 
 def test_sample_stage_on_an_empty_cases_folder_exits_2(tmp_path, params_file):

@@ -20,7 +20,7 @@ from test_dockerfile import _instructions, _stages
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ("dev", "gpu")
+OVERLAYS = ("dev", "gpu", "multinode")  # multinode: gpu + RBAC for TrainJobs/PyTorchJobs
 RENDERS = (*OVERLAYS, "dev+postgres")  # what the tests below render and check
 K8S_VERSION = "1.32.0"  # kubectl here is v1.32 (kustomize v5.5); stated in k8s/README.md
 KUBECTL = shutil.which("kubectl")
@@ -220,7 +220,10 @@ def test_rbac_is_least_privilege(rendered, overlay):
             if doc["kind"] == "ClusterRole":
                 assert not set(rule["verbs"]) & write_verbs, f"{where}: cluster-wide write"
             elif set(rule["verbs"]) & write_verbs:
-                assert rule["apiGroups"] == ["argoproj.io"] and rule["resources"] == ["workflowtaskresults"], where
+                writable = [(["argoproj.io"], ["workflowtaskresults"])]
+                if overlay == "multinode":  # the train task submits/deletes its TrainJob or PyTorchJob
+                    writable += [(["trainer.kubeflow.org"], ["trainjobs"]), (["kubeflow.org"], ["pytorchjobs"])]
+                assert (rule["apiGroups"], rule["resources"]) in writable, where
     binding = _one(rendered, overlay, "RoleBinding", "ipa-pipeline")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ipa-pipeline"}
     assert _one(rendered, overlay, "ServiceAccount", "mlflow")["automountServiceAccountToken"] is False

@@ -45,7 +45,7 @@ def loop_err(pred, target, mask, hw):
         for f in range(len(p[c])):
             for h in range(len(p[c][f])):
                 for x in range(len(p[c][f][h])):
-                    w = 1.0 if (m is None or f == 0) else 1.0 + (hw - 1.0) * m[f][h][x]
+                    w = 1.0 if m is None else 1.0 + (hw - 1.0) * m[f][h][x]
                     total += w * (p[c][f][h][x] - q[c][f][h][x]) ** 2
                     n += 1
     return total / n
@@ -165,7 +165,7 @@ def test_t_one_gives_log2_whatever_the_preds():
     assert ipa_loss(d["policy"], d["reference"], d["target"], t, d["mask"]).item() == LOG2
 
 
-def test_mask_weight_only_inside_mask_and_not_on_first_frame():
+def test_mask_weight_only_inside_mask_on_every_frame():
     target = torch.zeros(1, C, FR, H, W, dtype=torch.float64)
     mask = torch.zeros(1, FR, H, W, dtype=torch.float64)
     mask[0, :, 0, 0] = 1.0  # hand at pixel (0, 0) on every frame, including frame 0
@@ -178,7 +178,7 @@ def test_mask_weight_only_inside_mask_and_not_on_first_frame():
 
     assert err_with_bump(1, 1, 1) == pytest.approx(delta**2 / n)  # outside the mask: factor 1
     assert err_with_bump(2, 0, 0) == pytest.approx(hw * delta**2 / n)  # inside: factor hand_weight
-    assert err_with_bump(0, 0, 0) == pytest.approx(delta**2 / n)  # frame 0 is never weighted
+    assert err_with_bump(0, 0, 0) == pytest.approx(hw * delta**2 / n)  # frame 0 is a generated frame too
 
 
 def test_hand_weight_one_equals_no_mask():
@@ -236,7 +236,8 @@ def test_gradcheck_all_losses():
 def test_terms_metrics():
     d, l = batch(14), batch(15)
     m = ipa_terms(d["policy"], d["reference"], d["target"], d["t"], d["mask"]).metrics()
-    assert set(m) == {"policy_err", "reference_err", "gain", "scale", "logits", "loss", "implicit_acc"}
+    assert set(m) == {"policy_err", "reference_err", "gain", "scale", "logits", "loss", "implicit_acc",
+                      "saturated", "logits_p10", "logits_p50", "logits_p90", "rel_gain"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
     dt = dpo_terms(d["policy"], d["reference"], d["target"], l["policy"], l["reference"], l["target"], d["t"])
     assert dt.implicit_accuracy.item() == pytest.approx(2 / 3)  # margins +, -, + on this seed

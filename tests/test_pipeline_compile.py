@@ -81,12 +81,14 @@ def test_dag_edges(compiled):
     _, spec, _ = compiled
     root = _tasks(spec, _body(spec))
     deps = {name: sorted(t.get("dependentTasks", [])) for name, t in root.items()}
-    loop = next(n for n, t in root.items() if "parameterIterator" in t)
+    loop = next(n for n, t in root.items() if "inputParameter" in t.get("parameterIterator", {}).get("items", {}))
+    shards = next(n for n, t in root.items() if "raw" in t.get("parameterIterator", {}).get("items", {}))
     cond = next(n for n, t in root.items() if "triggerPolicy" in t)
     assert deps == {
         "resolve-params": [],
-        "sample": ["resolve-params"],
-        "gate": ["resolve-params", "sample"],
+        shards: ["resolve-params"],
+        "merge-shards": [shards, "resolve-params"],
+        "gate": ["merge-shards", "resolve-params"],
         loop: ["gate", "resolve-params"],
         "select-best": [loop, "resolve-params"],
         "register": ["resolve-params", "select-best"],
@@ -98,6 +100,9 @@ def test_dag_edges(compiled):
         if name != "resolve-params" and "params_json" in task["inputs"]["parameters"]:
             assert task["inputs"]["parameters"]["params_json"]["taskOutputParameter"] == {
                 "outputParameterKey": "Output", "producerTask": "resolve-params"}, name
+    assert sorted(_tasks(spec, root[shards]["componentRef"]["name"])) == ["sample-shard"]
+    assert root["gate"]["inputs"]["artifacts"]["samples"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "samples", "producerTask": "merge-shards"}
     loop_tasks = _tasks(spec, root[loop]["componentRef"]["name"])
     assert sorted(loop_tasks) == ["evaluate", "train"]
     assert loop_tasks["evaluate"]["dependentTasks"] == ["train"]
@@ -119,7 +124,7 @@ def test_dag_edges(compiled):
 def test_parallel_for_over_betas(compiled):
     _, spec, _ = compiled
     root = _tasks(spec, _body(spec))
-    loop = next(t for t in root.values() if "parameterIterator" in t)
+    loop = next(t for t in root.values() if "inputParameter" in t.get("parameterIterator", {}).get("items", {}))
     it = loop["parameterIterator"]
     assert it["items"] == {"inputParameter": "pipelinechannel--betas"}
     assert loop["inputs"]["parameters"]["pipelinechannel--betas"] == {"componentInputParameter": "pipelinechannel--betas"}
@@ -140,32 +145,37 @@ def test_promote_only_under_the_condition(compiled):
     assert promote["inputs"]["parameters"]["version"] == {"componentInputParameter": "pipelinechannel--register-Output"}
 
 
-def test_gpu_pool_on_train_only(compiled, params):
+GPU_EXECUTORS = ("exec-sample-shard", "exec-train", "exec-evaluate")  # the model's forward passes
+
+
+@pytest.mark.parametrize("gpu", GPU_EXECUTORS)
+def test_gpu_pool_on_the_model_tasks_only(compiled, params, gpu):
     _, spec, k8s = compiled
     pc = params.pipeline
     executors = spec["deploymentSpec"]["executors"]
-    res = executors["exec-train"]["container"]["resources"]
+    res = executors[gpu]["container"]["resources"]
     assert res["accelerator"]["resourceType"] == pc.accelerator_type
     assert res["accelerator"]["resourceCount"] == str(pc.accelerator_limit)
     assert (res["cpuRequest"], res["cpuLimit"]) == (float(pc.cpu_request), float(pc.cpu_limit))
     assert res["resourceMemoryRequest"] == pc.memory_request and res["resourceMemoryLimit"] == pc.memory_limit
     assert res["resourceCpuRequest"] == pc.cpu_request and res["resourceCpuLimit"] == pc.cpu_limit
-    train = k8s["exec-train"]
+    train = k8s[gpu]
     assert train["nodeSelector"]["labels"] == pc.node_selector
     assert train["tolerations"] == [{"key": pc.gpu_toleration_key, "operator": "Exists"}]
     assert train["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": pc.shm_size_limit,
                                         "volumeName": "dshm"}]
     for name, ex in executors.items():
-        if name != "exec-train":
+        if name not in GPU_EXECUTORS:
             assert "accelerator" not in ex["container"].get("resources", {}), name
             assert "nodeSelector" not in k8s.get(name, {}) and "tolerations" not in k8s.get(name, {}), name
 
 
-def test_retries_on_train(compiled, params):
+def test_retries_on_the_gpu_tasks(compiled, params):
     _, spec, _ = compiled
     tasks = _all_tasks(spec)
-    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == params.pipeline.train_retries
-    assert [n for n, t in tasks.items() if "retryPolicy" in t] == ["train"]
+    for name in ("sample-shard", "train", "evaluate"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == params.pipeline.train_retries, name
+    assert sorted(n for n, t in tasks.items() if "retryPolicy" in t) == ["evaluate", "sample-shard", "train"]
 
 
 def test_caching_off_for_sampling_training_and_registry(compiled):
@@ -173,7 +183,7 @@ def test_caching_off_for_sampling_training_and_registry(compiled):
     tasks = _all_tasks(spec)
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache") is True}
     assert cached == {"resolve-params", "gate", "evaluate", "select-best"}
-    for name in ("sample", "train", "register", "decide-promotion", "promote", "record-failure"):
+    for name in ("sample-shard", "merge-shards", "train", "register", "decide-promotion", "promote", "record-failure"):
         assert tasks[name]["cachingOptions"] == {}, name  # explicit enable_caching=False
 
 
@@ -181,12 +191,12 @@ def test_pvc_and_secret_env(compiled, params):
     _, spec, k8s = compiled
     pc = params.pipeline
     with_pvc = {n for n, e in k8s.items() if "pvcMount" in e}
-    assert with_pvc == {"exec-sample", "exec-train", "exec-evaluate", "exec-register"}
+    assert with_pvc == {"exec-sample-shard", "exec-merge-shards", "exec-train", "exec-evaluate", "exec-register"}
     for name in with_pvc:
         assert k8s[name]["pvcMount"] == [{"constant": pc.pvc_name, "mountPath": pc.mount_path,
                                           "pvcNameParameter": {"runtimeValue": {"constant": pc.pvc_name}}}]
     with_secret = {n for n, e in k8s.items() if "secretAsEnv" in e}
-    assert with_secret == {"exec-sample", "exec-gate", "exec-train", "exec-evaluate", "exec-register",
+    assert with_secret == {"exec-sample-shard", "exec-merge-shards", "exec-gate", "exec-train", "exec-evaluate", "exec-register",
                            "exec-decide-promotion", "exec-promote", "exec-record-failure"}
     for name in with_secret:
         required, optional = k8s[name]["secretAsEnv"]
@@ -199,10 +209,10 @@ def test_pvc_and_secret_env(compiled, params):
 def test_runtime_image_on_every_executor(compiled, params):
     _, spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert len(executors) == 10
+    assert len(executors) == 11
     for name, ex in executors.items():
         c = ex["container"]
-        want = params.pipeline.gpu_image if name == "exec-train" else params.pipeline.image
+        want = params.pipeline.gpu_image if name in GPU_EXECUTORS else params.pipeline.image
         assert c["image"] == want, name
         script = " ".join(c["command"])
         assert "kfp.dsl.executor_main" in script and "pip install" not in script, name  # nothing installed in pods
@@ -232,7 +242,7 @@ def test_parameters_default_to_params_yaml(compiled, params):
 
 def test_exit_handler_records_a_failed_round(compiled):
     """record-failure runs after the whole round (success or not) with its final status and
-    the KFP run id that sample and train tag the MLflow round with."""
+    the KFP run id that merge-shards (the sample stage) and train tag the MLflow round with."""
     _, spec, _ = compiled
     root = _tasks(spec)
     assert sorted(root) == ["exit-handler-1", "record-failure"]
@@ -246,8 +256,8 @@ def test_exit_handler_records_a_failed_round(compiled):
     assert ins["kfp_run_id"] == run_id
     tasks = _all_tasks(spec)
     assert [n for n, t in tasks.items() if "kfp_run_id" in t["inputs"].get("parameters", {})] == [
-        "record-failure", "sample", "train"]  # not on cached tasks: a per-run value would defeat the cache
-    assert tasks["sample"]["inputs"]["parameters"]["kfp_run_id"] == run_id
+        "record-failure", "merge-shards", "train"]  # not on cached tasks: a per-run value would defeat the cache
+    assert tasks["merge-shards"]["inputs"]["parameters"]["kfp_run_id"] == run_id
     assert tasks["train"]["inputs"]["parameters"]["kfp_run_id"] == run_id
 
 
@@ -265,7 +275,7 @@ def test_timeouts_and_image_pull_secrets(compiled, params, tmp_path):
     for task in PIPELINE_TASKS:
         assert [s["secretName"] for s in k8s[f"exec-{task}"]["imagePullSecret"]] == ["regcred", "other"], task
     assert k8s["exec-train"]["activeDeadlineSeconds"] == "3600"
-    assert k8s["exec-sample"]["activeDeadlineSeconds"] == str(timeouts["sample"])  # the others keep theirs
+    assert k8s["exec-sample-shard"]["activeDeadlineSeconds"] == str(timeouts["sample-shard"])  # the others keep theirs
 
 
 def test_cpu_only_train_has_no_gpu(tmp_path, params):
@@ -384,8 +394,8 @@ def test_compile_follows_params(tmp_path):
     assert kfp_cli.main(_args(tmp_path, sets=sets, out=out)) == 0
     spec, k8s = _load(out)
     executors = spec["deploymentSpec"]["executors"]
-    assert {e["container"]["image"] for n, e in executors.items() if n != "exec-train"} == {"registry.local/ipa:9"}
-    assert executors["exec-train"]["container"]["image"] == "registry.local/ipa:9-cu"
+    assert {e["container"]["image"] for n, e in executors.items() if n not in GPU_EXECUTORS} == {"registry.local/ipa:9"}
+    assert {executors[n]["container"]["image"] for n in GPU_EXECUTORS} == {"registry.local/ipa:9-cu"}
     assert executors["exec-train"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
     assert k8s["exec-train"]["nodeSelector"]["labels"] == {"pool": "a100"}
     assert k8s["exec-train"]["tolerations"][0]["key"] == "gpu"

@@ -402,7 +402,7 @@ def test_grid_cells_run_as_dvc_experiments(scratch_dvc_repo, tmp_path, monkeypat
     before = (repo / "params.yaml").read_text()
 
     common = paper_grid.budget_overrides(paper_grid.BUDGET, ["train.steps=2", "train.batch_size=4", "evaluate.num_poses=3",
-                                                             "evaluate.num_inference_steps=2", "tracking.enabled=false"])
+                                                             "evaluate.val_poses=3", "evaluate.num_inference_steps=2", "tracking.enabled=false"])
     specs = paper_grid.plan(["ipa-hand"], [200.0], [1])
     cells = repo / ".ipa" / "paper"
     paper_grid.run_dvc(specs, common, "temp", cells, repo)

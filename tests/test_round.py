@@ -128,7 +128,7 @@ def _objective_on_all(backend, params, gated_dir: Path) -> float:
                               for i in range(4)]))
 
 
-@pytest.mark.parametrize("loss", ["sft", "dpo", "kto", "ipa"])
+@pytest.mark.parametrize("loss", ["sft", "sft_t2", "dpo", "kto", "ipa"])
 def test_each_loss_lowers_its_objective(gated, loss):
     """A few steps of each loss lower that loss on the training set (same t and noise before
     and after), and the adapter it writes is no longer the zero update."""
@@ -138,6 +138,7 @@ def test_each_loss_lowers_its_objective(gated, loss):
     params, work = gated
     params.train.loss = loss
     params.train.steps = 4
+    params.train.dpo_min_margin = 0.0  # the tiny base's scores span 0.112..0.153
     train(params, work / "gated", work / f"adapter-{loss}", progress=False)
     start = load_backend(params)
     start.add_lora(params.train.lora_rank, params.train.lora_alpha, params.train.lora_targets)  # B = 0: the base
@@ -181,7 +182,7 @@ def test_killed_and_resumed_training_matches_uninterrupted(gated, params_file):
     assert victim.returncode == -signal.SIGKILL
     assert not (work / "resumed").exists(), "killed before the end: no final adapter"
     ckpts = work / ".resumed.checkpoints"
-    assert sorted(c.name for c in ckpts.glob("step-*") if (c / "state.pt").exists()) == ["step-000001", "step-000003"]
+    assert sorted(c.name for c in ckpts.glob("*/step-*") if (c / "state.pt").exists()) == ["step-000001", "step-000003"]
     resumed = _ipa(["train", *common, "--out", str(work / "resumed"), "--resume"], work)
     assert resumed.wait(300) == 0, resumed.stderr.read()
 
@@ -215,7 +216,7 @@ def test_corrupt_checkpoint_is_a_clear_error(gated):
 
     params, work = gated
     train(params, work / "gated", work / "adapter", progress=False, stop_after=2)
-    ckpt = sorted((work / ".adapter.checkpoints").glob("step-*"))[-1]
+    ckpt = sorted((work / ".adapter.checkpoints").glob("*/step-*"))[-1]
     (ckpt / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"corrupt checkpoint"):
         train(params, work / "gated", work / "adapter", progress=False, resume=True)
@@ -227,8 +228,15 @@ def test_evaluate_writes_metrics_and_pictures(gated):
 
     params, work = gated
     train(params, work / "gated", work / "adapter", progress=False)
-    result = evaluate(params, work / "adapter", work / "eval", work / "metrics" / "eval.json", progress=False)
+    result = evaluate(params, work / "adapter", work / "eval", work / "metrics" / "eval.json", progress=False,
+                      val_metrics_path=work / "metrics" / "eval_val.json")
     saved = json.loads((work / "metrics" / "eval.json").read_text())
+    # the val poses (selection, promotion) are other poses than the test poses (the report)
+    val = json.loads((work / "metrics" / "eval_val.json").read_text())
+    assert set(val) == {"base", "ipa"} and set(val["ipa"]) == set(METRICS) and val != saved
+    val_rows = json.loads((work / "eval" / "per_clip_val.json").read_text())
+    test_poses = {r["pose"] for r in json.loads((work / "eval" / "per_clip.json").read_text())}
+    assert test_poses.isdisjoint({r["pose"] for r in val_rows}) and len(val_rows) == 2 * params.evaluate.val_poses * len(params.evaluate.seeds)
     assert set(saved) == {"base", "ipa"} and set(saved["base"]) == set(METRICS)
     assert saved["base"] == result["base"]
     rows = json.loads((work / "eval" / "per_clip.json").read_text())

@@ -160,3 +160,35 @@ def test_select_best_follows_the_registry_direction():
     with pytest.raises(ValueError, match="unknown metric"):
         select_best(runs, "no_such_metric")
     assert isinstance(METRICS["psnr"], Metric)
+
+
+# ---- split discipline: select and promote on val, report on test (issue: independent judge) ----
+
+
+def test_selection_and_registration_read_the_val_split_never_the_test_split(tmp_path):
+    """A sweep where the test numbers favour one beta and the val numbers the other: the pipeline's
+    select-best (eval_val.json) and `ipa register`'s default metrics file follow val."""
+    from ipa_lib.core.config import Params
+
+    runs = []
+    for beta, test_value, val_value in ((200.0, 0.9, 0.1), (600.0, 0.1, 0.9)):
+        ev, ad = _run(tmp_path, beta, test_value)
+        (ev / "eval_val.json").write_text(json.dumps({"base": {"hand_pass_rate": 0.1}, "ipa": {"hand_pass_rate": val_value}}))
+        runs.append((ev, ad))
+    evs, ads = [r[0] for r in runs], [r[1] for r in runs]
+    on_test = select_from_runs(evs, ads, "hand_pass_rate", tmp_path / "a1", tmp_path / "e1")
+    on_val = select_from_runs(evs, ads, "hand_pass_rate", tmp_path / "a2", tmp_path / "e2", eval_file="eval_val.json")
+    assert (on_test["beta"], on_val["beta"]) == (200.0, 600.0)
+    import inspect
+
+    import components.stages as comps
+
+    assert 'eval_file="eval_val.json"' in inspect.getsource(comps.select_best)
+    assert "eval_val.json" in inspect.getsource(comps.register)
+    # the DVC register stage and the default rule: val metrics, an independent metric (not the gate's scorer)
+    p = Params()
+    assert p.evaluate.val_metrics != p.evaluate.metrics and p.promote.primary_metric == "hand_psnr"
+    assert p.evaluate.val_pose_seed != p.evaluate.pose_seed
+    import ipa_lib.stages.register as reg
+
+    assert "params.evaluate.val_metrics" in inspect.getsource(reg.register)

@@ -67,6 +67,7 @@ def champion(mlflow_server, tiny_base, tmp_path_factory):
     params.tracking = TrackingConfig(uri=mlflow_server.uri, experiment=f"serve-{uuid.uuid4().hex[:8]}",
                                      registered_model=MODEL, max_retries=1)
     params.backend.base_model, params.backend.device = str(tiny_base), "cpu"
+    params.promote.primary_metric = "hand_pass_rate"  # the numbers this fixture registers (M(0.7) vs M(0.5))
     backend = ToyBackend.from_pretrained(tiny_base)
     backend.add_lora(params.train.lora_rank, params.train.lora_alpha, params.train.lora_targets)
     torch.manual_seed(1)

@@ -85,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gated", help="gated samples folder to read (default: gate.out)")
     p.add_argument("--out", help="adapter folder to write (default: train.out)")
     p.add_argument("--base-model", help=base_help)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    again = p.add_mutually_exclusive_group()  # neither: resume when the checkpoints' key matches, else start afresh
+    again.add_argument("--resume", action="store_const", const=True, default=None,
+                       help="insist on continuing from this run's checkpoints (an error naming what changed when there are none)")
+    again.add_argument("--fresh", dest="resume", action="store_const", const=False,
+                       help="delete this run's checkpoints and start at step 0")
     p.add_argument("--stop-after", type=int, help="stop after N steps, keeping checkpoints (for tests/ops)")
+    p.add_argument("--checkpoint-root", help="shared checkpoint folder, e.g. on the workspace PVC (default: beside --out)")
     p = stage("evaluate", cmd_evaluate, "base vs aligned on held-out poses")
     p.add_argument("--adapter", help="adapter folder or models:/ URI (default: train.out)")
     p.add_argument("--out", help="evaluation folder to write (default: evaluate.out)")

@@ -7,6 +7,7 @@ inside its MLflow stage run and prints the stage's result; the stage writes its 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -64,10 +65,16 @@ def cmd_train(args) -> int:
 
     params = _params(args)
     gated, out = args.gated or params.gate.out, args.out or params.train.out
-    result = tracked_stage(params, "train", lambda p: train(p, gated, out, args.base_model, resume=args.resume,
-                                                            progress=not args.quiet, stop_after=args.stop_after,
-                                                            metrics_path=p.train.metrics, curve_path=p.train.curve),
-                           inputs=[(gated, "gated-samples")], output=out)
+
+    def run(p):
+        return train(p, gated, out, args.base_model, resume=args.resume, progress=not args.quiet,
+                     stop_after=args.stop_after, metrics_path=p.train.metrics, curve_path=p.train.curve,
+                     checkpoint_root=args.checkpoint_root)
+
+    if int(os.environ.get("RANK", "0")) > 0:  # accelerate launch / torchrun: rank 0 alone records the run
+        run(params)
+        return 0
+    result = tracked_stage(params, "train", run, inputs=[(gated, "gated-samples")], output=out)
     result.pop("log", None)
     _print(result)
     return 0

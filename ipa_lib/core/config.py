@@ -125,6 +125,7 @@ class SampleConfig(Section):
     per_pose: int = Field(2, ge=1)  # toy world: samples (seeds) per driving pose: DPO pairs need >= 2
     per_case: int = Field(2, ge=1)  # cases: samples (seeds) per train case
     shards: int = Field(1, ge=1)  # cases: the clip store's shard count (one sampling pod each in KFP)
+    workers: int = Field(1, ge=1)  # cases, DVC: processes sampling shards at once (KFP: one pod per shard)
     num_inference_steps: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 1000
@@ -142,7 +143,8 @@ class GateConfig(Section):
 
 
 class TrainConfig(Section):
-    loss: Literal["ipa", "sft", "dpo", "kto"] = "ipa"
+    # sft_t2: the control, IPA's linear-regime limit (SFT weighted by (1 - t)^2; objective.sft_t2_terms)
+    loss: Literal["ipa", "sft", "sft_t2", "dpo", "kto"] = "ipa"
     beta: float = Field(600.0, gt=0)
     hand_weight: float = Field(10.0, ge=1.0)  # lambda_hand; 1.0 = the global variant
     steps: int = Field(300, ge=1)
@@ -157,6 +159,17 @@ class TrainConfig(Section):
     seed: int = 0
     # a loss above spike_factor x its running median stops training (last good checkpoint kept)
     spike_factor: float = Field(50.0, gt=1)
+    # speed (ipa_lib/models/speed.py): torch.compile each transformer block; recompute the
+    # activations of the first K blocks in backward (-1: every block; same loss and gradients)
+    compile: bool = False
+    checkpoint_blocks: int = Field(0, ge=-1)
+    # processes (docs/distributed.md): batch_size stays the global batch; each process runs
+    # micro_batch_size rows per forward (None: batch_size / processes) and accumulates the rest
+    micro_batch_size: int | None = Field(None, ge=1)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # ddp for LoRA; fsdp when the weights do not fit one GPU
+    # DPO pairs: a passing sample (hand_score >= gate.threshold) against a failing one of the same
+    # driving pose, their scores at least this far apart
+    dpo_min_margin: float = Field(0.05, ge=0.0)
     out: str = "models/adapter"
     metrics: str = "metrics/train.json"  # the run's summary + final diagnostics (DVC metrics)
     curve: str = "metrics/train_curve.json"  # the logged steps (DVC plots); the PNG goes into `out`
@@ -173,7 +186,9 @@ class EvaluateConfig(Section):
     num_poses: int = Field(48, ge=1)
     seeds: list[int] = [0, 1, 2]
     num_inference_steps: int = Field(20, ge=1)
-    pose_seed: int = 99_000  # held-out poses: a seed range never used by sample/pretrain
+    pose_seed: int = 99_000  # test poses (the report): a seed range never used by sample/pretrain
+    val_pose_seed: int = 98_000  # val poses (select-best, promotion): another unused range
+    val_poses: int = Field(48, ge=1)
     out: str = "eval"
     metrics: str = "metrics/eval.json"
     val_metrics: str = "metrics/eval_val.json"  # cases: the val split (select-best, promotion); `metrics` = test
@@ -195,8 +210,9 @@ class PromoteRule(Section):
     """Promote iff `primary_metric` beats the reference by `margin` and no metric in
     `tolerances` falls further behind than its tolerance (directions from the metric registry)."""
 
-    primary_metric: str = "hand_pass_rate"
-    margin: float = Field(0.02, ge=0.0)  # candidate must beat champion by this much
+    # an independent judge: ground truth the gate never selected on (not its scorer's hand_quality)
+    primary_metric: str = "hand_psnr"
+    margin: float = Field(0.1, ge=0.0)  # candidate must beat champion by this much (dB for hand_psnr)
     # allowed regressions of global metrics (absolute)
     tolerances: dict[str, float] = {"psnr": 1.0, "ssim": 0.02}
 
@@ -243,10 +259,10 @@ def _directed_metric(name: str) -> str:
 
 
 # the tasks of the KFP round (pipelines/ipa_round.py), and their pod timeouts by default
-PIPELINE_TASKS = ("resolve-params", "sample", "gate", "train", "evaluate", "select-best", "register",
+PIPELINE_TASKS = ("resolve-params", "sample-shard", "merge-shards", "gate", "train", "evaluate", "select-best", "register",
                   "decide-promotion", "promote", "record-failure")
 DEFAULT_TASK_TIMEOUT_S = {
-    "resolve-params": 600, "sample": 6 * 3600, "gate": 2 * 3600, "train": 24 * 3600, "evaluate": 6 * 3600,
+    "resolve-params": 600, "sample-shard": 6 * 3600, "merge-shards": 3600, "gate": 2 * 3600, "train": 24 * 3600, "evaluate": 6 * 3600,
     "select-best": 1800, "register": 3600, "decide-promotion": 1800, "promote": 1800, "record-failure": 600,
 }
 
@@ -275,6 +291,14 @@ class PipelineConfig(Section):
     # request, node selector or GPU toleration
     cpu_only: bool = False
     image_pull_secrets: list[str] = []  # Secrets in the namespace for a private registry, on every task
+    # multi-node training (ipa_lib/orchestration/trainjob.py): train_nodes > 1 makes the train task
+    # submit a Kubeflow Trainer TrainJob (or a training-operator PyTorchJob) of that many nodes,
+    # accelerator_limit GPUs (= processes) each, and wait up to train_job_timeout_s for it
+    train_nodes: int = Field(1, ge=1)
+    train_operator: Literal["trainjob", "pytorchjob"] = "trainjob"
+    train_runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob references
+    train_job_timeout_s: int = Field(86400, ge=1)
+    train_job_poll_s: float = Field(15.0, gt=0)
     # per task: the pod's activeDeadlineSeconds (each retry its own); tasks not named keep the default
     task_timeout_s: dict[str, int] = dict(DEFAULT_TASK_TIMEOUT_S)
 

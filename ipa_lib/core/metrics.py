@@ -49,9 +49,9 @@ class Metric:
 
 _ALL = (
     # evaluate: one value per generated clip, averaged (toy world: against the ground-truth rendering)
-    Metric("hand_quality", True, "evaluate", "hand quality",
+    Metric("hand_quality", True, "evaluate", "hand quality (gate's scorer)",
            "toy hand scorer on the generated clip (the gate's scorer: pixels + driving pose)", 0.0, 1.0),
-    Metric("hand_pass_rate", True, "evaluate", "hand pass rate",
+    Metric("hand_pass_rate", True, "evaluate", "hand pass rate (gate's scorer)",
            "fraction of clips whose hand_quality reaches gate.threshold", 0.0, 1.0),
     Metric("psnr", True, "evaluate", "PSNR (dB)", "whole clip vs ground truth, float64", 0.0, math.inf, 2, world="both"),
     Metric("ssim", True, "evaluate", "SSIM", "whole clip vs ground truth", -1.0, 1.0, world="both"),

@@ -2,8 +2,17 @@
 
 Pure tensor functions, no model calls: the trainer runs policy and reference on the
 same x_t = (1 - t) * x0 + t * e and passes their velocity predictions here, with the
-target v = e - x0. All losses share `weighted_error`, so the hand weighting and the
-unweighted first latent frame mean the same thing everywhere.
+target v = e - x0. All losses share `weighted_error`, so the hand weighting means the same
+thing everywhere.
+
+Every latent frame the losses see is a generated one, so all are hand-weighted alike. In
+Wan-Animate (diffusers 0.42 `WanAnimatePipeline`) the reference image sits in an extra latent
+slot before the video frames; the backend strips that slot before the loss
+(`ipa_lib.models.wan_animate`: the velocity is for the f video frames only), and in the
+first segment no video frame is given (`prepare_prev_segment_cond_latents` without previous
+frames: zero conditioning, mask 0), so all f are generated. The toy world's frame 0 is an
+ordinary generated frame too. (An earlier version exempted latent frame 0 from the hand
+weight, after a rule that it encodes the reference: here it never does.)
 
 References
 - IPA: "Implicit Preference Alignment for Human Image Animation" (ICML 2026); the loss
@@ -20,6 +29,7 @@ num_train_timesteps); hand masks (B, F, H, W) or (B, 1, F, H, W) in [0, 1] on th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "weighted_error", "sft_loss",
-    "IPATerms", "ipa_terms", "ipa_loss",
+    "weighted_error", "sft_loss", "SATURATED",
+    "IPATerms", "ipa_terms", "ipa_loss", "sft_t2_terms",
     "DPOTerms", "dpo_terms", "dpo_loss",
     "KTOTerms", "kto_terms", "kto_loss",
 ]
@@ -88,17 +98,14 @@ def _weighted_error(pred: Tensor, target: Tensor, mask: Tensor | None, hand_weig
     se = (pred.to(dtype) - target.to(dtype)).pow(2)  # (B, C, F, H, W)
     if mask is None or hand_weight == 1:
         return se.mean(dim=(1, 2, 3, 4))
-    Fr = se.shape[2]
-    # latent frame 0 encodes the reference image alone: nothing to correct there, keep w = 1
-    not_first = (torch.arange(Fr, device=se.device) > 0).to(dtype).view(1, Fr, 1, 1)
-    w = 1 + (hand_weight - 1) * mask.to(dtype) * not_first  # (B, F, H, W)
+    w = 1 + (hand_weight - 1) * mask.to(dtype)  # (B, F, H, W): every frame is a generated one
     return (se * w.unsqueeze(1)).mean(dim=(1, 2, 3, 4))  # (B,)
 
 
 def weighted_error(pred: Tensor, target: Tensor, hand_mask: Tensor | None = None, *, hand_weight: float = 10.0) -> Tensor:
     """Per-sample hand-weighted squared error (IPA, ICML 2026).
 
-        w      = 1 + (hand_weight - 1) * M        (w = 1 on latent frame 0)
+        w      = 1 + (hand_weight - 1) * M        (every latent frame alike)
         err_b  = mean over C, F, H, W of  w * (pred - target)^2
 
     M is `hand_mask` broadcast over channels. Not normalised by mean(w), as in the paper:
@@ -135,19 +142,41 @@ class _Terms:
         return out
 
 
+SATURATED = 0.1  # a sample is saturated when sigmoid(-logit) < 0.1: its gradient weight has all but gone
+
+
+def logit_diagnostics(logits: Tensor, gain: Tensor, reference_err: Tensor) -> dict[str, float]:
+    """How far a reference-anchored loss is from its linear regime, per batch:
+
+        saturated   = mean_b [sigmoid(-logits_b) < SATURATED]   (the fraction whose weight has gone)
+        logits_p10, logits_p50, logits_p90                       (the logit distribution)
+        rel_gain    = mean_b gain_b / err_b(reference)           (the gain relative to the reference error)
+
+    At saturated = 0 the loss acts as a reweighted SFT (its gradient is SFT's times
+    0.5 * scale * sigmoid(-logits)); clipping and Adam then cancel beta."""
+    lg = logits.detach().float()
+    q = torch.quantile(lg, torch.tensor([0.1, 0.5, 0.9], device=lg.device)) if lg.numel() else torch.zeros(3)
+    rel = gain.detach().float() / reference_err.detach().float().clamp(min=1e-12)
+    return {"saturated": (torch.sigmoid(-lg) < SATURATED).float().mean().item(), "logits_p10": q[0].item(),
+            "logits_p50": q[1].item(), "logits_p90": q[2].item(), "rel_gain": rel.mean().item()}
+
+
 @dataclass
 class IPATerms(_Terms):
     policy_err: Tensor  # (B,)
     reference_err: Tensor  # (B,) no grad
     gain: Tensor  # (B,) reference_err - policy_err; > 0: the policy fits the kept sample better
     scale: Tensor  # (B,) 0.5 * beta * (1 - t)^2, the effective beta at each sample's t
-    logits: Tensor  # (B,) scale * gain
+    logits: Tensor  # (B,) scale * gain: the implicit reward of each sample
     loss: Tensor  # ()
 
     @property
     def implicit_accuracy(self) -> Tensor:
         """Fraction of samples with gain > 0."""
         return (self.gain > 0).float().mean()
+
+    def metrics(self) -> dict[str, float]:
+        return {**super().metrics(), **logit_diagnostics(self.logits, self.gain, self.reference_err)}
 
 
 def _anchored_errors(policy_pred: Tensor, reference_pred: Tensor, target: Tensor, t: Tensor, hand_mask: Tensor | None,
@@ -212,6 +241,35 @@ def ipa_loss(
 ) -> Tensor:
     """Scalar IPA loss, mean_b -log sigmoid(0.5 * beta * (1 - t_b)^2 * gain_b); see `ipa_terms`."""
     return ipa_terms(policy_pred, reference_pred, target, t, hand_mask, beta=beta, hand_weight=hand_weight).loss
+
+
+def sft_t2_terms(
+    policy_pred: Tensor,
+    reference_pred: Tensor,
+    target: Tensor,
+    t: Tensor,
+    hand_mask: Tensor | None = None,
+    *,
+    beta: float = 600.0,
+    hand_weight: float = 10.0,
+) -> IPATerms:
+    """The control: IPA's linear-regime limit, i.e. SFT weighted by (1 - t)^2 (same signature and terms).
+
+        logits_b = 0.5 * beta * (1 - t_b)^2 * gain_b            as in IPA
+        loss     = log 2 - 0.5 * mean_b logits_b
+                 = log 2 + mean_b 0.25 * beta * (1 - t_b)^2 * (err_b(policy) - err_b(reference))
+
+    The first-order Taylor expansion of IPA's -log sigmoid(logits) at logits = 0, so it equals
+    IPA's loss and gradient while no sample is saturated and keeps SFT's behaviour after that:
+    the gradient is that of a (1 - t)^2-weighted SFT (the reference only shifts the value).
+    If IPA differs from SFT only through its (1 - t)^2 weighting, this control matches it.
+    """
+    t, policy_err, reference_err = _anchored_errors(policy_pred, reference_pred, target, t, hand_mask, beta, hand_weight)
+    gain = reference_err - policy_err
+    scale = 0.5 * beta * (1 - t.to(gain.dtype)) ** 2
+    logits = scale * gain
+    loss = math.log(2.0) - 0.5 * logits.mean()
+    return IPATerms(policy_err, reference_err, gain, scale, logits, loss)
 
 
 # -----------------------------------------------------------------------------
@@ -315,7 +373,7 @@ class KTOTerms(_Terms):
     policy_err: Tensor  # (B,)
     reference_err: Tensor  # (B,) no grad
     rewards: Tensor  # (B,) beta * (reference_err - policy_err)
-    kl: Tensor  # () the baseline z, detached, >= 0
+    kl: Tensor  # () the reference point z0, detached, >= 0
     logits: Tensor  # (B,) rewards - z for desirable samples, z - rewards for undesirable ones
     loss: Tensor  # ()
 
@@ -333,25 +391,34 @@ def kto_terms(
     desirable: Tensor,
     hand_mask: Tensor | None = None,
     *,
+    kl_policy_err: Tensor | None = None,
+    kl_reference_err: Tensor | None = None,
     beta: float = 1000.0,
     hand_weight: float = 10.0,
 ) -> KTOTerms:
     """Diffusion-KTO (Li et al. 2024) with hand weights.
 
         r_b  = beta * (err_b(reference) - err_b(policy))
-        z    = max(mean_b r_b, 0)                                detached
-        U_b  = sigmoid(r_b - z) if desirable_b else sigmoid(z - r_b)
+        z0   = max(mean_j beta * (err_j'(reference) - err_j'(policy)), 0)    detached
+        U_b  = sigmoid(r_b - z0) if desirable_b else sigmoid(z0 - r_b)
         loss = mean_b (1 - U_b)
 
-    z is the KL reference point (as TRL's KTO): detached so it is a baseline, not a
-    target, and clamped at 0 because a KL cannot be negative. Labels are applied per
-    sample, so all-desirable or all-undesirable batches need no special case. No
-    (1 - t)^2 factor (Diffusion-KTO weights timesteps uniformly); `t` is validated only.
+    z0 is KTO's reference point, an estimate of KL(policy || reference) from *mismatched*
+    pairs j' (a clip denoised under another sample's conditioning), as in KTO (Ethayarajh et
+    al. 2024, Sec. 4: z0 estimated from the batch's mismatched (x_i, y_{i+1}) pairs) and TRL's
+    KTOTrainer (`kl = (policy_KL_logps - reference_KL_logps).mean().clamp(min=0)`, detached);
+    in the diffusion form log pi(y|x) - log pi_ref(y|x) is beta * (err(reference) - err(policy)).
+    The errors of those pairs come in `kl_policy_err`, `kl_reference_err` (B',) (the trainer
+    builds them); without them z0 falls back to the batch's own rewards (the older estimate,
+    which sits at its clamp of 0 when rewards are negative). Detached so it is a baseline, not
+    a target. Labels are applied per sample. No (1 - t)^2 factor (Diffusion-KTO weights
+    timesteps uniformly); `t` is validated only.
 
     Args:
         policy_pred, reference_pred, target: (B, C, F, H, W).
         t: (B,) in [0, 1].
         desirable: (B,) bool, True for samples the gate kept.
+        kl_policy_err, kl_reference_err: (B',) errors of mismatched pairs, or None.
         beta: > 0, about 1000.
     """
     _, policy_err, reference_err = _anchored_errors(policy_pred, reference_pred, target, t, hand_mask, beta, hand_weight)
@@ -359,7 +426,12 @@ def kto_terms(
     if desirable.dtype != torch.bool or tuple(desirable.shape) != (B,):
         raise ValueError(f"desirable must be a bool tensor of shape ({B},), got {desirable.dtype} {tuple(desirable.shape)}")
     rewards = beta * (reference_err - policy_err)
-    kl = rewards.detach().mean().clamp(min=0)
+    if (kl_policy_err is None) != (kl_reference_err is None):
+        raise ValueError("kl_policy_err and kl_reference_err come together (the mismatched pairs' errors)")
+    if kl_policy_err is not None:
+        kl = (beta * (kl_reference_err.detach() - kl_policy_err.detach())).mean().clamp(min=0)
+    else:
+        kl = rewards.detach().mean().clamp(min=0)
     logits = torch.where(desirable.to(rewards.device), rewards - kl, kl - rewards)
     loss = (1 - torch.sigmoid(logits)).mean()
     return KTOTerms(policy_err, reference_err, rewards, kl, logits, loss)
@@ -373,8 +445,11 @@ def kto_loss(
     desirable: Tensor,
     hand_mask: Tensor | None = None,
     *,
+    kl_policy_err: Tensor | None = None,
+    kl_reference_err: Tensor | None = None,
     beta: float = 1000.0,
     hand_weight: float = 10.0,
 ) -> Tensor:
     """Scalar Diffusion-KTO loss, mean_b (1 - U_b); see `kto_terms`."""
-    return kto_terms(policy_pred, reference_pred, target, t, desirable, hand_mask, beta=beta, hand_weight=hand_weight).loss
+    return kto_terms(policy_pred, reference_pred, target, t, desirable, hand_mask, kl_policy_err=kl_policy_err,
+                     kl_reference_err=kl_reference_err, beta=beta, hand_weight=hand_weight).loss

@@ -513,7 +513,9 @@ def store_lock(client, lock: str, what: str, timeout_s: float = 60.0, stale_s: f
             )
             break
         except MlflowException as err:
-            if "ALREADY_EXISTS" not in _err_code(err):
+            # DOES_NOT_EXIST: the server's create raced a release of the same name (seen under
+            # concurrent promoters on one tracking server); look at who holds it, then retry
+            if not any(code in _err_code(err) for code in ("ALREADY_EXISTS", "DOES_NOT_EXIST")):
                 raise
         try:
             holder = client.get_registered_model(lock)

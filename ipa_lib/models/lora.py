@@ -47,6 +47,18 @@ def has_lora(module: torch.nn.Module) -> bool:
     return bool(_lora_layers(module))
 
 
+@torch.no_grad()
+def adapter_norm(module: torch.nn.Module) -> float:
+    """sqrt(sum over LoRA layers and adapters of ||scaling * B @ A||_F^2): the size of the weight
+    change the adapter makes (0 at init, B = 0), not of its raw A, B matrices."""
+    total = 0.0
+    for layer in _lora_layers(module):
+        for name in layer.lora_A:
+            a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+            total += float((layer.scaling[name] * (b @ a)).pow(2).sum())
+    return total ** 0.5
+
+
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The adapter weights (what the optimizer trains)."""
     return [p for n, p in module.named_parameters() if "lora_" in n]

@@ -228,6 +228,11 @@ class WanAnimateBackend:
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer
 
+    @transformer.setter
+    def transformer(self, module: torch.nn.Module) -> None:
+        """The training loop swaps in the distributed (DDP/FSDP) wrapper and back (`stages.train`)."""
+        self.pipe.transformer = module
+
     @property
     def vae(self):
         return self.pipe.vae

@@ -12,6 +12,9 @@
     workspace PVC    pipeline.pvc_name is Bound
     MLflow secret    pipeline.mlflow_secret exists with non-empty MLFLOW_TRACKING_URI
     MLflow service   pipeline.mlflow_service exists and exposes a port
+    training CRD     only when pipeline.train_nodes > 1: the TrainJob (trainer.kubeflow.org) or
+                     PyTorchJob (kubeflow.org) CRD is installed and serves the version the train
+                     step submits; for a TrainJob, the ClusterTrainingRuntime pipeline.train_runtime exists
 
 Secret values are never printed, only key names. The API calls are the read-only ones the
 `ipa-preflight` Role/ClusterRole in k8s/base/rbac.yaml grants. `kubernetes` is imported
@@ -44,6 +47,20 @@ CHECK_NAMES: tuple[str, ...] = (
     "MLflow service",
 )
 _BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
+CRD_CHECK = "training CRD"  # only for multi-node training (pipeline.train_nodes > 1)
+# pipeline.train_operator -> (CRD, served version, kind): what orchestration/trainjob.py submits
+TRAINING_CRDS: dict[str, tuple[str, str, str]] = {
+    "trainjob": ("trainjobs.trainer.kubeflow.org", "v1alpha1", "TrainJob"),
+    "pytorchjob": ("pytorchjobs.kubeflow.org", "v1", "PyTorchJob"),
+}
+
+
+def check_names(params: Params) -> tuple[str, ...]:
+    """The checks `preflight` reports for `params`, in order."""
+    if params.pipeline.train_nodes > 1:
+        i = CHECK_NAMES.index("GPU taints") + 1
+        return (*CHECK_NAMES[:i], CRD_CHECK, *CHECK_NAMES[i:])
+    return CHECK_NAMES
 
 
 @dataclass(frozen=True)
@@ -340,6 +357,57 @@ def _service_check(out: _Outcome, params: Params) -> Check:
     return Check("MLflow service", True, detail)
 
 
+def _raw(fn: Callable) -> Callable:
+    """`fn` returning the decoded JSON body (no model classes: any CRD shape reads)."""
+    import json
+
+    def call(*args, **kwargs):
+        return json.loads(fn(*args, _preload_content=False, **kwargs).data)
+
+    return call
+
+
+def _crd_check(api_client, params: Params, timeout: tuple[float, float]) -> tuple[Check, bool]:
+    """(the training CRD check, whether the server stopped answering)."""
+    from kubernetes import client
+
+    operator = params.pipeline.train_operator
+    crd_name, version, kind = TRAINING_CRDS[operator]
+    trainjob = operator == "trainjob"
+    hint = ("install Kubeflow Trainer (k8s/README.md, Multi-node)" if trainjob
+            else "install the Kubeflow training-operator v1 (k8s/README.md, Multi-node)")
+    out = _call(_raw(client.ApiextensionsV1Api(api_client).read_custom_resource_definition), crd_name, timeout=timeout)
+    if out.transport:
+        return Check(CRD_CHECK, False, f"not checked: API server stopped answering ({out.error})", True), True
+    if not out.ok:
+        if out.status == 404:
+            return Check(CRD_CHECK, False, f"{crd_name}: not installed ({hint})"), False
+        return Check(CRD_CHECK, False, f"{crd_name}: {_denied_hint(out)}"), False
+    crd = out.value
+    served = [v.get("name") for v in (crd.get("spec") or {}).get("versions") or [] if v.get("served")]
+    established = any(c.get("type") == "Established" and c.get("status") == "True"
+                      for c in (crd.get("status") or {}).get("conditions") or [])
+    if version not in served:
+        return Check(CRD_CHECK, False, f"{crd_name}: serves {', '.join(served) or 'no version'}, "
+                                       f"the train step submits {version}"), False
+    if not established:
+        return Check(CRD_CHECK, False, f"{crd_name}: installed but not Established"), False
+    detail = f"{crd_name} {version} installed ({kind}, {params.pipeline.train_nodes} nodes)"
+    if not trainjob:
+        return Check(CRD_CHECK, True, detail), False
+    name = params.pipeline.train_runtime
+    rt = _call(_raw(client.CustomObjectsApi(api_client).get_cluster_custom_object),
+               crd_name.split(".", 1)[1], version, "clustertrainingruntimes", name, timeout=timeout)
+    if rt.transport:
+        return Check(CRD_CHECK, False, f"{detail}; runtime not checked ({rt.error})", True), True
+    if rt.status == 404:
+        return Check(CRD_CHECK, False, f"{detail}; ClusterTrainingRuntime {name} not found "
+                                       "(pipeline.train_runtime; Kubeflow Trainer's runtimes install it)"), False
+    if not rt.ok:
+        return Check(CRD_CHECK, False, f"{detail}; ClusterTrainingRuntime {name}: {_denied_hint(rt)}"), False
+    return Check(CRD_CHECK, True, f"{detail}; ClusterTrainingRuntime {name} present"), False
+
+
 def preflight(
     params: Params,
     context: str | None = None,
@@ -362,14 +430,16 @@ def preflight(
         except PreflightError as err:
             report.checks.append(Check("API server", False, str(err)))
             skip = "not checked: no cluster configuration"
-            report.checks += [Check(n, False, skip, True) for n in CHECK_NAMES[1:]]
+            report.checks += [Check(n, False, skip, True) for n in check_names(params)[1:]]
             return report
     report.host = api_client.configuration.host
     core = client.CoreV1Api(api_client)
     checks = report.checks
 
+    names = check_names(params)
+
     def unreachable(first: str, reason: str) -> PreflightReport:
-        remaining = CHECK_NAMES[CHECK_NAMES.index(first) :]
+        remaining = names[names.index(first) :]
         checks.extend(Check(n, False, f"not checked: {reason}", True) for n in remaining)
         return report
 
@@ -399,6 +469,11 @@ def preflight(
         checks.append(Check("GPU nodes", False, f"cannot list nodes: {_denied_hint(nodes)}"))
         skip = "not checked: nodes not listed"
         checks.extend(Check(n, False, skip, True) for n in ("GPU allocatable", "GPU taints"))
+    if CRD_CHECK in names:  # multi-node training: the job's CRD (cluster-scoped)
+        crd, stopped = _crd_check(api_client, params, timeout)
+        checks.append(crd)
+        if stopped:
+            return unreachable("workspace PVC", "API server stopped answering")
 
     # 3. namespaced objects
     if not ns_exists:

@@ -1,14 +1,16 @@
 """Evaluate stage: base vs aligned on held-out driving poses, same seeds for both.
 
-Held-out poses come from a toy-world seed range that sampling and pretraining never use
-(`evaluate.pose_seed`). Both models animate every pose once per evaluation seed with the
+Held-out poses come from toy-world seed ranges that sampling and pretraining never use: the
+test poses (`evaluate.pose_seed`, the report) and the val poses (`evaluate.val_pose_seed`, what
+select-best and promotion use, so nothing is chosen on the numbers that are reported). Both models animate every pose once per evaluation seed with the
 same generator seed; the base is the same network with its adapter disabled.
 
 Metrics per clip (means reported; per-clip rows kept for intervals):
-- hand_quality:   toy hand scorer on the generated clip (pixels + driving pose only)
-- hand_pass_rate: fraction of clips with hand_quality >= gate.threshold
+- hand_quality:   the GATE's toy hand scorer on the generated clip (pixels + driving pose only)
+- hand_pass_rate: fraction of clips with hand_quality >= gate.threshold (the gate's too)
 - psnr, ssim:     whole clip against the ground-truth rendering of that pose (float64)
-- hand_psnr:      PSNR inside the driving pose's hand mask
+- hand_psnr:      PSNR inside the driving pose's hand mask: the independent judge (ground truth
+                  the gate never saw), what promotion ranks by (`promote.primary_metric`)
 
 On cases (`data.cases`, `evaluate_cases`): every test and val case is animated once per
 evaluation seed (generator seed `case_seed(case_id, 7_000_000 + seed, 0)`, the same for both
@@ -34,7 +36,6 @@ from ipa_lib.core.errors import InputError
 from ipa_lib.core.metrics import CASE_METRICS, EVAL_METRICS
 from ipa_lib.core.results import EvalResult
 
-TOY_NO_VAL = "toy world: no val split yet; selection and promotion use evaluate.metrics"
 METRICS = EVAL_METRICS  # the metric registry's evaluate-stage metrics (ipa_lib.core.metrics)
 SHOWN = 6  # clips in the side-by-side strip
 log = logging.getLogger(__name__)
@@ -68,14 +69,11 @@ def per_seed(rows: list[dict], model: str) -> dict[str, dict[str, float]]:
 
 def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
              base_model: str | None = None, progress: bool = True, val_metrics_path: str | Path | None = None) -> EvalResult:
-    """Base vs aligned; writes `out_dir`, `metrics_path` and the val split's numbers to
-    `val_metrics_path` (default `evaluate.val_metrics` on cases; on the toy world, which has no
-    val split yet, a file saying so, written only when `val_metrics_path` is given)."""
+    """Base vs aligned; writes `out_dir`, `metrics_path` (the test split: the report) and the val
+    split's numbers (what select-best and promotion use) to `val_metrics_path` (on cases default
+    `evaluate.val_metrics`; on the toy world written only when given)."""
     from ipa_lib.stages.common import load_start_backend as load_backend
-    from ipa_lib.data.tensors import hand_masks
     from ipa_lib.core.io import atomic_dir, atomic_write_json, require_dir, save_npz
-    from ipa_lib.data.toyworld import toy_conditions
-    from ipa_lib.models.generate import generate_clips
     from ipa_lib.data.toy_quality import ToyHandScorer
     from ipa_lib.data.visualize import side_by_side
 
@@ -84,33 +82,22 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
     cfg, toy = params.evaluate, params.toy
     adapter_dir = require_dir(adapter_dir, "adapter")
     backend = load_backend(params, base_model, adapter_dir)
-    cond = toy_conditions(cfg.pose_seed, cfg.num_poses, toy.frames, toy.size, toy.motion)
-    masks = hand_masks(cond["hand_keypoints"], toy.size, toy.size)
     scorer = ToyHandScorer()
-    rows, shown, clips = [], {}, {"base": [], "ipa": []}
-    for seed in cfg.seeds:
-        seeds = [7_000_000 + seed * 10_000 + i for i in range(cfg.num_poses)]
-        for model in ("base", "ipa"):
-            if model == "base":
-                with backend.reference_model():
-                    video = generate_clips(backend, cond["reference"], cond["pose"], seeds, cfg.num_inference_steps, 64, progress, f"eval[{model} seed {seed}]")
-            else:
-                video = generate_clips(backend, cond["reference"], cond["pose"], seeds, cfg.num_inference_steps, 64, progress, f"eval[{model} seed {seed}]")
-            clips[model].append(video)
-            if seed == cfg.seeds[0]:
-                shown[model] = video
-            for i in range(cfg.num_poses):
-                m = clip_metrics(video[i], cond["target"][i], cond["hand_keypoints"][i], masks[i], scorer, params.gate.threshold)
-                rows.append({"model": model, "seed": seed, "pose": cfg.pose_seed + i, **m})
-
+    # test poses (the report) and val poses (select-best, promotion): two seed ranges nothing else uses
+    test = _toy_split(backend, params, scorer, cfg.pose_seed, cfg.num_poses, 7_000_000, progress, "test")
+    val = _toy_split(backend, params, scorer, cfg.val_pose_seed, cfg.val_poses, 8_000_000, progress, "val")
+    rows, cond, shown, clips = test
     result = {"base": summarize(rows, "base"), "ipa": summarize(rows, "ipa")}
+    val_result = {"base": summarize(val[0], "base"), "ipa": summarize(val[0], "ipa")}
     details = {
         "method": params.train.loss, "beta": params.train.beta, "hand_weight": params.train.hand_weight,
         "num_poses": cfg.num_poses, "seeds": cfg.seeds,
         "base": per_seed(rows, "base"), "ipa": per_seed(rows, "ipa"),
+        "val": {"num_poses": cfg.val_poses, "pose_seed": cfg.val_pose_seed, **val_result},
     }
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "per_clip.json", rows)
+        atomic_write_json(tmp / "per_clip_val.json", val[0])
         atomic_write_json(tmp / "details.json", details)
         # the generated clips, (S seeds, N poses, F, H, W, 3) uint8: set-level metrics (FD) in `ipa report`
         save_npz(tmp / "clips.npz", base=np.stack(clips["base"]), ipa=np.stack(clips["ipa"]),
@@ -119,9 +106,36 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
         side_by_side(tmp / "side_by_side", {"driving pose": cond["pose"][:n], "base": shown["base"][:n],
                                             "IPA": shown["ipa"][:n], "ground truth": cond["target"][:n]})
     atomic_write_json(metrics_path, result)
-    if val_metrics_path is not None:  # the DVC output exists in both worlds
-        atomic_write_json(val_metrics_path, {"base": {}, "ipa": {}, "note": TOY_NO_VAL})
-    return {**result, "details": details}
+    if val_metrics_path is not None:
+        atomic_write_json(val_metrics_path, val_result)
+    return {**result, "val": val_result, "details": details}
+
+
+def _toy_split(backend, params: Params, scorer, pose_seed: int, num_poses: int, seed_base: int, progress: bool,
+               split: str) -> tuple[list[dict], dict, dict, dict]:
+    """Base vs aligned on `num_poses` toy poses from `pose_seed`, every evaluation seed: (rows,
+    conditions, the first seed's clips, all clips). The same generator seeds for both models."""
+    from ipa_lib.data.tensors import hand_masks
+    from ipa_lib.data.toyworld import toy_conditions
+    from ipa_lib.models.generate import generate_clips
+
+    cfg, toy = params.evaluate, params.toy
+    cond = toy_conditions(pose_seed, num_poses, toy.frames, toy.size, toy.motion)
+    masks = hand_masks(cond["hand_keypoints"], toy.size, toy.size)
+    rows, shown, clips = [], {}, {"base": [], "ipa": []}
+    for seed in cfg.seeds:
+        seeds = [seed_base + seed * 10_000 + i for i in range(num_poses)]
+        for model in ("base", "ipa"):
+            desc = f"eval[{split} {model} seed {seed}]"
+            with backend.reference_model() if model == "base" else nullcontext():
+                video = generate_clips(backend, cond["reference"], cond["pose"], seeds, cfg.num_inference_steps, 64, progress, desc)
+            clips[model].append(video)
+            if seed == cfg.seeds[0]:
+                shown[model] = video
+            for i in range(num_poses):
+                m = clip_metrics(video[i], cond["target"][i], cond["hand_keypoints"][i], masks[i], scorer, params.gate.threshold)
+                rows.append({"model": model, "seed": seed, "pose": pose_seed + i, **m})
+    return rows, cond, shown, clips
 
 
 # ---- cases -----------------------------------------------------------------------------

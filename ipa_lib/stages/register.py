@@ -25,8 +25,8 @@ def mlflow_errors():
 def register(params: Params, adapter_dir: str | Path | None = None, base_model_dir: str | Path | None = None,
              metrics_path: str | Path | None = None, out: str | Path | None = None) -> dict:
     """Register the adapter (default `train.out`) over the base (`backend.base_model`) with the
-    numbers promotion decides on: `evaluate.metrics` on the toy world, `evaluate.val_metrics`
-    (the val cases) on cases, so no model is promoted on the test split; writes the record (name, version, run) to
+    numbers promotion decides on: `evaluate.val_metrics` (the val poses or cases), so no model
+    is promoted on the test split; writes the record (name, version, run) to
     `tracking.register_out` and returns it. With tracking disabled, records why nothing was
     registered."""
     from ipa_lib.core.io import atomic_write_json, read_json
@@ -39,7 +39,7 @@ def register(params: Params, adapter_dir: str | Path | None = None, base_model_d
     from ipa_lib.mlops.registry import register_model
     from ipa_lib.mlops.tracking import read_lineage
 
-    metrics_path = metrics_path or (params.evaluate.val_metrics if params.on_cases else params.evaluate.metrics)
+    metrics_path = metrics_path or params.evaluate.val_metrics
     lineage = read_lineage(params.evaluate.out) or read_lineage(Path(metrics_path).parent)
     with mlflow_errors():
         register_model(params, adapter_dir or params.train.out, base_model_dir or params.backend.base_model,
