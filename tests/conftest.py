@@ -67,6 +67,25 @@ def tiny(tiny_base, tmp_path):
     return params, tmp_path
 
 
+@pytest.fixture()
+def gated(tiny):
+    """(params, workdir): samples and a gated set of the tiny round, produced by the real stages."""
+    from ipa_lib.stages.gate import gate
+    from ipa_lib.stages.sample import sample
+
+    params, work = tiny
+    sample(params, work / "samples", progress=False)
+    gate(params, work / "samples", work / "gated", progress=False)
+    return params, work
+
+
+def adapter_state(path: Path) -> dict:
+    """The LoRA tensors of an adapter folder (diffusers format)."""
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(path / "pytorch_lora_weights.safetensors"))
+
+
 # ---- shared helpers: params files, free ports, a scratch git+DVC repo -----------------------
 
 def write_params(path: Path, overrides: list[str] | tuple[str, ...] = (), params=None) -> Path:

@@ -95,3 +95,16 @@ def detector(hand_model):
 
     with HandDetector(hand_model) as det:
         yield det
+
+
+# clip params for case tests with the tiny Wan model (`--set` / `-S` overrides)
+CASE_DATA = ["data.height=64", "data.width=64", "data.frames=17", "data.fps=16", "data.face_size=16"]
+
+
+def pan_256(key: str, x0: int, width: int, frames: int = 40) -> np.ndarray:
+    """A slow pan over the columns x0 .. x0 + width of a real photo, 256 x 256: a driving clip with real hands."""
+    import cv2
+
+    square = photo(key)[:, x0:x0 + width]
+    return np.stack([cv2.resize(f, (256, 256), interpolation=cv2.INTER_AREA)
+                     for f in zoom_pan_clip(square, frames, 0.005, 1)])

@@ -16,24 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO, TINY, sh
-from hands_fixtures import PHOTOS, photo, real_dir, zoom_pan_clip
+from hands_fixtures import CASE_DATA, PHOTOS, pan_256, real_dir
 
 pytestmark = pytest.mark.slow
 
-DATA = ["data.height=64", "data.width=64", "data.frames=17", "data.fps=16", "data.face_size=16"]
-
-
-def _pan(key: str, x0: int, width: int, frames: int = 40) -> np.ndarray:
-    import cv2
-
-    square = photo(key)[:, x0:x0 + width]
-    return np.stack([cv2.resize(f, (256, 256), interpolation=cv2.INTER_AREA)
-                     for f in zoom_pan_clip(square, frames, 0.005, 1)])
+DATA = CASE_DATA
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +35,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cases-loop")
     media = root / "media"
     media.mkdir()
-    write_video(media / "raise-428.mp4", _pan("428", 200, 360), 30)  # both hands up
-    write_video(media / "phones-536.mp4", _pan("536", 100, 336), 30)
-    write_video(media / "kitchen-294.mp4", _pan("294", 100, 427), 30)
-    write_video(media / "cross-428.mp4", _pan("428", 220, 360), 30)
+    write_video(media / "raise-428.mp4", pan_256("428", 200, 360), 30)  # both hands up
+    write_video(media / "phones-536.mp4", pan_256("536", 100, 336), 30)
+    write_video(media / "kitchen-294.mp4", pan_256("294", 100, 427), 30)
+    write_video(media / "cross-428.mp4", pan_256("428", 220, 360), 30)
     shutil.copy(real_dir() / "video.avi", media / "street.avi")  # a real clip, no visible hands
     py = [sys.executable, "-m", "ipa_lib.cli"]
     sets = [a for d in DATA for a in ("--set", d)]

@@ -20,19 +20,11 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO, sh
-from hands_fixtures import photo, zoom_pan_clip
+from hands_fixtures import CASE_DATA, pan_256
 
 pytestmark = pytest.mark.slow
 
-DATA = ["data.height=64", "data.width=64", "data.frames=17", "data.fps=16", "data.face_size=16"]
-
-
-def _pan(key: str, x0: int, width: int, frames: int = 40) -> np.ndarray:
-    import cv2
-
-    square = photo(key)[:, x0:x0 + width]
-    return np.stack([cv2.resize(f, (256, 256), interpolation=cv2.INTER_AREA)
-                     for f in zoom_pan_clip(square, frames, 0.005, 1)])
+DATA = CASE_DATA
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +36,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     media = root / "media"
     media.mkdir()
-    write_video(media / "raise-428.mp4", _pan("428", 200, 360), 30)
-    write_video(media / "phones-536.mp4", _pan("536", 100, 336), 30)
-    write_video(media / "kitchen-294.mp4", _pan("294", 100, 427), 30)
-    write_video(media / "cross-428.mp4", _pan("428", 220, 360), 30)
+    write_video(media / "raise-428.mp4", pan_256("428", 200, 360), 30)
+    write_video(media / "phones-536.mp4", pan_256("536", 100, 336), 30)
+    write_video(media / "kitchen-294.mp4", pan_256("294", 100, 427), 30)
+    write_video(media / "cross-428.mp4", pan_256("428", 220, 360), 30)
     py = [sys.executable, "-m", "ipa_lib.cli"]
     env = {"OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(Path.home())}
     sh(py + ["wan-tiny", str(root / "tiny")], REPO, env)

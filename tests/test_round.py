@@ -15,27 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, adapter_state
 
 from ipa_lib.core.config import ConfigError
-
-
-@pytest.fixture()
-def gated(tiny):
-    """Samples and a gated set produced by the real stages."""
-    from ipa_lib.stages.gate import gate
-    from ipa_lib.stages.sample import sample
-
-    params, work = tiny
-    sample(params, work / "samples", progress=False)
-    gate(params, work / "samples", work / "gated", progress=False)
-    return params, work
-
-
-def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
-    import safetensors.torch
-
-    return safetensors.torch.load_file(str(path / "pytorch_lora_weights.safetensors"))
 
 
 def test_sample_and_gate_outputs(gated):
@@ -145,7 +127,7 @@ def test_each_loss_lowers_its_objective(gated, loss):
     trained = load_backend(params, adapter=work / f"adapter-{loss}")
     before, after = _objective_on_all(start, params, work / "gated"), _objective_on_all(trained, params, work / "gated")
     assert after < before, (loss, before, after)
-    state = _adapter_state(work / f"adapter-{loss}")
+    state = adapter_state(work / f"adapter-{loss}")
     assert any(k.endswith("lora_B.weight") for k in state)
     assert all(v.abs().max() > 0 for k, v in state.items() if k.endswith("lora_B.weight"))
 
@@ -186,7 +168,7 @@ def test_killed_and_resumed_training_matches_uninterrupted(gated, params_file):
     resumed = _ipa(["train", *common, "--out", str(work / "resumed"), "--resume"], work)
     assert resumed.wait(300) == 0, resumed.stderr.read()
 
-    a, b = _adapter_state(work / "clean"), _adapter_state(work / "resumed")
+    a, b = adapter_state(work / "clean"), adapter_state(work / "resumed")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -207,7 +189,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(gated):
     assert not (work / "adapter").exists()
     ckpt = Path(str(err.value).split("last good checkpoint: ")[1])
     assert (ckpt / "pytorch_lora_weights.safetensors").exists()
-    state = _adapter_state(ckpt)
+    state = adapter_state(ckpt)
     assert all(torch.isfinite(v).all() for v in state.values())
 
 

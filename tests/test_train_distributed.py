@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, write_params
+from conftest import REPO, adapter_state, write_params
 
 # Measured (tests/test_train_distributed.py on the tiny toy round, IPA, 6 steps, global batch 4,
 # 2 processes x 2 rows vs 1 process x 4 rows): max |delta| over the adapter weights 3.9e-4
@@ -21,23 +21,6 @@ from conftest import REPO, write_params
 # train.micro_batch_size=2 bit for bit. docs/distributed.md states the same numbers.
 ADAPTER_ATOL = 1e-3
 STEP0_RTOL = 1e-5  # step 0 (same weights everywhere): loss and gradient norm, measured 1e-7
-
-
-@pytest.fixture()
-def gated(tiny):
-    from ipa_lib.stages.gate import gate
-    from ipa_lib.stages.sample import sample
-
-    params, work = tiny
-    sample(params, work / "samples", progress=False)
-    gate(params, work / "samples", work / "gated", progress=False)
-    return params, work
-
-
-def _adapter(path: Path) -> dict[str, torch.Tensor]:
-    import safetensors.torch
-
-    return safetensors.torch.load_file(str(path / "pytorch_lora_weights.safetensors"))
 
 
 def _log(path: Path) -> list[dict]:
@@ -64,7 +47,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(gated):
     split.train.micro_batch_size = 2  # 1 process x 2 rows x 2 accumulation steps
     train(split, work / "gated", work / "split", progress=False)
 
-    a, b, c = _adapter(work / "one"), _adapter(work / "two"), _adapter(work / "split")
+    a, b, c = adapter_state(work / "one"), adapter_state(work / "two"), adapter_state(work / "split")
     assert a.keys() == b.keys() == c.keys()
     for k in a:  # the same forwards (2 rows each) and the same sums: bit for bit
         torch.testing.assert_close(b[k], c[k], rtol=0, atol=0)

@@ -17,17 +17,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, sh
+from conftest import adapter_state, TINY, sh
 
 ADAPTER = Path("models") / "adapter"
 CHECKPOINTS = Path("models") / ".adapter.checkpoints"
 HOLD_AT = 3  # TINY: 6 steps, a checkpoint every 2 -> steps 1, 3, 5; the kill lands after step 3's
-
-
-def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
-    import safetensors.torch
-
-    return safetensors.torch.load_file(str(path / "pytorch_lora_weights.safetensors"))
 
 
 def _kill_dvc_train(repo: Path, env: dict) -> None:
@@ -80,7 +74,7 @@ def test_killed_dvc_train_resumes_to_the_uninterrupted_adapter(scratch_dvc_repo,
     sh(["dvc", "repro", "--force", "train"], repo, env)  # the uninterrupted run
     clean = _summary(repo)
     assert clean["resumed_from"] is None and clean["checkpoint_key"] == key
-    a, b = _adapter_state(repo / ADAPTER), _adapter_state(resumed)
+    a, b = adapter_state(repo / ADAPTER), adapter_state(resumed)
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
@@ -113,17 +107,6 @@ def test_changed_param_after_the_kill_starts_afresh(scratch_dvc_repo):
 
 
 # ---- in-process: the key, the roots, a corrupt checkpoint ---------------------------------
-
-@pytest.fixture()
-def gated(tiny):
-    from ipa_lib.stages.gate import gate
-    from ipa_lib.stages.sample import sample
-
-    params, work = tiny
-    sample(params, work / "samples", progress=False)
-    gate(params, work / "samples", work / "gated", progress=False)
-    return params, work
-
 
 def test_key_covers_what_decides_the_adapter(gated, tmp_path):
     """Paths, logging and checkpoint cadence leave the key alone; lr, beta, seed, the gated

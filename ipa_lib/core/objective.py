@@ -193,6 +193,13 @@ def _anchored_errors(policy_pred: Tensor, reference_pred: Tensor, target: Tensor
     return t, policy_err, reference_err
 
 
+def _ipa_logits(t: Tensor, policy_err: Tensor, reference_err: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(gain, scale, logits): gain = err(reference) - err(policy), scale = 0.5 beta (1 - t)^2, logits = scale * gain."""
+    gain = reference_err - policy_err
+    scale = 0.5 * beta * (1 - t.to(gain.dtype)) ** 2
+    return gain, scale, scale * gain
+
+
 def ipa_terms(
     policy_pred: Tensor,
     reference_pred: Tensor,
@@ -222,9 +229,7 @@ def ipa_terms(
         hand_weight: lambda_hand >= 1, paper default 10; 1 is the global variant.
     """
     t, policy_err, reference_err = _anchored_errors(policy_pred, reference_pred, target, t, hand_mask, beta, hand_weight)
-    gain = reference_err - policy_err
-    scale = 0.5 * beta * (1 - t.to(gain.dtype)) ** 2
-    logits = scale * gain
+    gain, scale, logits = _ipa_logits(t, policy_err, reference_err, beta)
     loss = -F.logsigmoid(logits).mean()  # mean of logsigmoid, never logsigmoid of the mean
     return IPATerms(policy_err, reference_err, gain, scale, logits, loss)
 
@@ -265,9 +270,7 @@ def sft_t2_terms(
     If IPA differs from SFT only through its (1 - t)^2 weighting, this control matches it.
     """
     t, policy_err, reference_err = _anchored_errors(policy_pred, reference_pred, target, t, hand_mask, beta, hand_weight)
-    gain = reference_err - policy_err
-    scale = 0.5 * beta * (1 - t.to(gain.dtype)) ** 2
-    logits = scale * gain
+    gain, scale, logits = _ipa_logits(t, policy_err, reference_err, beta)
     loss = math.log(2.0) - 0.5 * logits.mean()
     return IPATerms(policy_err, reference_err, gain, scale, logits, loss)
 
