@@ -211,8 +211,9 @@ def exp_cmd(spec: CellSpec, common: list[str], mode: str) -> list[str]:
     return cmd + ["evaluate"]
 
 
-def existing_experiments(repo: Path, env: dict) -> dict[str, dict]:
-    """{name: {"rev", "timestamp", "params", "metrics"}} from `dvc exp show --json`."""
+def existing_experiments(repo: Path, env: dict, prefix: str = PREFIX) -> dict[str, dict]:
+    """{name: {"rev", "timestamp", "params", "metrics"}} of the experiments named `<prefix>-...`,
+    from `dvc exp show --json`."""
     r = _sh(["dvc", "exp", "show", "--json", "-A"], repo, env, capture=True)
     out = {}
 
@@ -222,7 +223,7 @@ def existing_experiments(repo: Path, env: dict) -> dict[str, dict]:
                 for rev in e.get("revs") or []:
                     data = rev.get("data") or {}
                     name = rev.get("name") or e.get("name")
-                    if name and name.startswith(PREFIX + "-") and not rev.get("error"):
+                    if name and name.startswith(prefix + "-") and not rev.get("error"):
                         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data", {})
                         metrics = {k: v.get("data") for k, v in (data.get("metrics") or {}).items()}
                         prev = out.get(name)

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter folder or models:/ URI (default: train.out)")
     p.add_argument("--out", help="evaluation folder to write (default: evaluate.out)")
     p.add_argument("--metrics", help="metrics file to write (default: evaluate.metrics)")
+    p.add_argument("--gated", help="gated set whose poses evaluate.train_poses animates (default: gate.out)")
     p.add_argument("--base-model", help=base_help)
     p = sub.add_parser("show", help="print the base vs aligned table from metrics/eval.json")
     p.add_argument("--metrics", default="metrics/eval.json", help="evaluation metrics file (default: metrics/eval.json)")

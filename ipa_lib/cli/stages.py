@@ -88,7 +88,7 @@ def cmd_evaluate(args) -> int:
     adapter, out = args.adapter or params.train.out, args.out or params.evaluate.out
     metrics = args.metrics or params.evaluate.metrics
     result = tracked_stage(params, "evaluate", lambda p: evaluate(p, adapter, out, metrics, args.base_model, progress=not args.quiet,
-                                                                  val_metrics_path=p.evaluate.val_metrics),
+                                                                  val_metrics_path=p.evaluate.val_metrics, gated_dir=args.gated),
                            inputs=[(adapter, "adapter")], output=out)
     print(eval_table(result))
     return 0

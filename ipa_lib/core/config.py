@@ -139,6 +139,9 @@ class GateConfig(Section):
     top_k: int = Field(96, ge=1)
     min_kept: int = Field(16, ge=1)
     hand_landmarker: str | None = None  # path to hand_landmarker.task (mediapipe scorer)
+    # toy world: keep only clips whose identity's shirt is this colour (the dominant channel of
+    # the reference's shirt), a biased gated set for docs/results.md's anchor experiment
+    subset: Literal["shirt-red", "shirt-green", "shirt-blue"] | None = None
     out: str = "data/gated"
 
 
@@ -170,6 +173,12 @@ class TrainConfig(Section):
     # DPO pairs: a passing sample (hand_score >= gate.threshold) against a failing one of the same
     # driving pose, their scores at least this far apart
     dpo_min_margin: float = Field(0.05, ge=0.0)
+    # adamw (weight decay 0) | sgd (with `momentum`): SGD keeps the gradient's scale, so a
+    # saturated sigmoid (IPA at a large beta) slows the adapter where AdamW's normalisation would not
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    # also keep the adapter after these steps (`out`/along/step-N), for evaluate.along
+    save_at: list[int] = []
     out: str = "models/adapter"
     metrics: str = "metrics/train.json"  # the run's summary + final diagnostics (DVC metrics)
     curve: str = "metrics/train_curve.json"  # the logged steps (DVC plots); the PNG goes into `out`
@@ -189,6 +198,11 @@ class EvaluateConfig(Section):
     pose_seed: int = 99_000  # test poses (the report): a seed range never used by sample/pretrain
     val_pose_seed: int = 98_000  # val poses (select-best, promotion): another unused range
     val_poses: int = Field(48, ge=1)
+    # toy world: also animate this many of the gated set's own driving poses (the train-pose side
+    # of the train / held-out gap; 0 = none)
+    train_poses: int = Field(0, ge=0)
+    # toy world: also evaluate the adapters train.save_at kept (`eval/along/step-N`, aligned only)
+    along: bool = False
     out: str = "eval"
     metrics: str = "metrics/eval.json"
     val_metrics: str = "metrics/eval_val.json"  # cases: the val split (select-best, promotion); `metrics` = test

@@ -276,6 +276,18 @@ def stack_clips(clips: list[Clip]) -> dict[str, np.ndarray]:
     }
 
 
+SHIRT_COLOURS = ("shirt-red", "shirt-green", "shirt-blue")
+
+
+def shirt_colour(reference: np.ndarray) -> str:
+    """The identity's shirt colour, its dominant channel (`SHIRT_COLOURS`), read off a reference
+    image (H, W, 3) uint8 at rest: the median of the torso below the chest (the shirt's
+    channels are one low, one middle and one high value, so the argmax is unambiguous)."""
+    k = reference.shape[0] / 32.0
+    torso = reference[int(20 * k):int(30 * k), int(13 * k):int(19 * k)].reshape(-1, 3)
+    return SHIRT_COLOURS[int(np.argmax(np.median(torso, axis=0)))]
+
+
 def toy_conditions(first_seed: int, count: int, frames: int, size: int, motion: float) -> dict[str, np.ndarray]:
     """Reference images, pose videos and hand keypoints of `count` clean toy clips."""
     clips = [make_clip(first_seed + i, frames, size, corrupt=False, motion=motion) for i in range(count)]

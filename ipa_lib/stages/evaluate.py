@@ -68,10 +68,17 @@ def per_seed(rows: list[dict], model: str) -> dict[str, dict[str, float]]:
 
 
 def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metrics_path: str | Path,
-             base_model: str | None = None, progress: bool = True, val_metrics_path: str | Path | None = None) -> EvalResult:
+             base_model: str | None = None, progress: bool = True, val_metrics_path: str | Path | None = None,
+             gated_dir: str | Path | None = None) -> EvalResult:
     """Base vs aligned; writes `out_dir`, `metrics_path` (the test split: the report) and the val
     split's numbers (what select-best and promotion use) to `val_metrics_path` (on cases default
-    `evaluate.val_metrics`; on the toy world written only when given)."""
+    `evaluate.val_metrics`; on the toy world written only when given).
+
+    Toy world, for the experiments in docs/results.md: `evaluate.train_poses` > 0 also animates
+    that many of the gated set's own driving poses (`gated_dir`, default `gate.out`; rows in
+    `per_clip_train.json`); `evaluate.along` also evaluates the aligned model at every adapter
+    `train.save_at` kept (`adapter_dir/along/step-N` -> `out_dir/along/step-N/`: per_clip.json,
+    clips.npz, and per_clip_train.json with train_poses), the base being the same for all."""
     from ipa_lib.stages.common import load_start_backend as load_backend
     from ipa_lib.core.io import atomic_dir, atomic_write_json, require_dir, save_npz
     from ipa_lib.data.toy_quality import ToyHandScorer
@@ -87,6 +94,21 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
     test = _toy_split(backend, params, scorer, cfg.pose_seed, cfg.num_poses, 7_000_000, progress, "test")
     val = _toy_split(backend, params, scorer, cfg.val_pose_seed, cfg.val_poses, 8_000_000, progress, "val")
     rows, cond, shown, clips = test
+    train_split = None
+    if cfg.train_poses:
+        train_cond = train_pose_conditions(gated_dir if gated_dir is not None else params.gate.out, cfg.train_poses, toy)
+        train_split = _toy_split(backend, params, scorer, None, cfg.train_poses, 9_000_000, progress, "train", cond=train_cond)
+    along = {}
+    if cfg.along:  # last: it swaps the adapter
+        for step_dir in sorted((adapter_dir / "along").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
+            backend.load_adapter(step_dir)
+            along[step_dir.name] = {
+                "test": _toy_split(backend, params, scorer, cfg.pose_seed, cfg.num_poses, 7_000_000, progress,
+                                   f"test {step_dir.name}", models=("ipa",)),
+                "train": None if train_split is None else _toy_split(
+                    backend, params, scorer, None, cfg.train_poses, 9_000_000, progress, f"train {step_dir.name}",
+                    models=("ipa",), cond=train_cond),
+            }
     result = {"base": summarize(rows, "base"), "ipa": summarize(rows, "ipa")}
     val_result = {"base": summarize(val[0], "base"), "ipa": summarize(val[0], "ipa")}
     details = {
@@ -95,10 +117,23 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
         "base": per_seed(rows, "base"), "ipa": per_seed(rows, "ipa"),
         "val": {"num_poses": cfg.val_poses, "pose_seed": cfg.val_pose_seed, **val_result},
     }
+    if train_split is not None:
+        details["train_poses"] = {"num_poses": cfg.train_poses, "pose_ids": [int(i) for i in train_cond["pose_id"]],
+                                  "base": summarize(train_split[0], "base"), "ipa": summarize(train_split[0], "ipa")}
+    if along:
+        details["along"] = {name: summarize(a["test"][0], "ipa") for name, a in along.items()}
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "per_clip.json", rows)
         atomic_write_json(tmp / "per_clip_val.json", val[0])
         atomic_write_json(tmp / "details.json", details)
+        if train_split is not None:
+            atomic_write_json(tmp / "per_clip_train.json", train_split[0])
+        for name, a in along.items():
+            (tmp / "along" / name).mkdir(parents=True)
+            atomic_write_json(tmp / "along" / name / "per_clip.json", a["test"][0])
+            save_npz(tmp / "along" / name / "clips.npz", ipa=np.stack(a["test"][3]["ipa"]), seeds=np.array(cfg.seeds))
+            if a["train"] is not None:
+                atomic_write_json(tmp / "along" / name / "per_clip_train.json", a["train"][0])
         # the generated clips, (S seeds, N poses, F, H, W, 3) uint8: set-level metrics (FD) in `ipa report`
         save_npz(tmp / "clips.npz", base=np.stack(clips["base"]), ipa=np.stack(clips["ipa"]),
                  seeds=np.array(cfg.seeds), poses=np.arange(cfg.pose_seed, cfg.pose_seed + cfg.num_poses))
@@ -111,21 +146,38 @@ def evaluate(params: Params, adapter_dir: str | Path, out_dir: str | Path, metri
     return {**result, "val": val_result, "details": details}
 
 
-def _toy_split(backend, params: Params, scorer, pose_seed: int, num_poses: int, seed_base: int, progress: bool,
-               split: str) -> tuple[list[dict], dict, dict, dict]:
-    """Base vs aligned on `num_poses` toy poses from `pose_seed`, every evaluation seed: (rows,
-    conditions, the first seed's clips, all clips). The same generator seeds for both models."""
+def train_pose_conditions(gated_dir: str | Path, count: int, toy) -> dict[str, np.ndarray]:
+    """The toy conditions (with ground truth) of the first `count` distinct driving poses of a
+    gated set's kept clips (`kept.npz` pose ids `p<seed>`), in kept order; `pose_id` the seeds."""
+    from ipa_lib.core.io import load_npz, require_dir
+    from ipa_lib.data.toyworld import toy_conditions
+
+    kept = require_dir(gated_dir, "gated samples", "kept.npz") / "kept.npz"
+    ids = list(dict.fromkeys(int(str(p).lstrip("p")) for p in load_npz(kept)["pose_id"]))[:count]
+    if len(ids) < count:
+        raise InputError(f"evaluate.train_poses={count}: {kept} keeps clips of only {len(ids)} driving poses")
+    parts = [toy_conditions(i, 1, toy.frames, toy.size, toy.motion) for i in ids]
+    return {**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, "pose_id": np.array(ids)}
+
+
+def _toy_split(backend, params: Params, scorer, pose_seed: int | None, num_poses: int, seed_base: int, progress: bool,
+               split: str, models: tuple[str, ...] = ("base", "ipa"), cond: dict | None = None) -> tuple[list[dict], dict, dict, dict]:
+    """`models` (base and/or aligned) on `num_poses` toy poses from `pose_seed` (or the given
+    conditions `cond`, with their `pose_id`s), every evaluation seed: (rows, conditions, the first
+    seed's clips, all clips). The same generator seeds for both models."""
     from ipa_lib.data.tensors import hand_masks
     from ipa_lib.data.toyworld import toy_conditions
     from ipa_lib.models.generate import generate_clips
 
     cfg, toy = params.evaluate, params.toy
-    cond = toy_conditions(pose_seed, num_poses, toy.frames, toy.size, toy.motion)
+    if cond is None:
+        cond = toy_conditions(pose_seed, num_poses, toy.frames, toy.size, toy.motion)
+        cond["pose_id"] = np.arange(pose_seed, pose_seed + num_poses)
     masks = hand_masks(cond["hand_keypoints"], toy.size, toy.size)
     rows, shown, clips = [], {}, {"base": [], "ipa": []}
     for seed in cfg.seeds:
         seeds = [seed_base + seed * 10_000 + i for i in range(num_poses)]
-        for model in ("base", "ipa"):
+        for model in models:
             desc = f"eval[{split} {model} seed {seed}]"
             with backend.reference_model() if model == "base" else nullcontext():
                 video = generate_clips(backend, cond["reference"], cond["pose"], seeds, cfg.num_inference_steps, 64, progress, desc)
@@ -134,7 +186,7 @@ def _toy_split(backend, params: Params, scorer, pose_seed: int, num_poses: int, 
                 shown[model] = video
             for i in range(num_poses):
                 m = clip_metrics(video[i], cond["target"][i], cond["hand_keypoints"][i], masks[i], scorer, params.gate.threshold)
-                rows.append({"model": model, "seed": seed, "pose": pose_seed + i, **m})
+                rows.append({"model": model, "seed": seed, "pose": int(cond["pose_id"][i]), **m})
     return rows, cond, shown, clips
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ipa_lib.core.config import GateConfig, Params
+from ipa_lib.core.errors import InputError
 
 
 def make_scorer(cfg: GateConfig, name: str | None = None, **kwargs):
@@ -112,6 +113,13 @@ def gate(params: Params, samples_dir: str | Path, out_dir: str | Path, progress:
         if col not in df:
             df[col] = np.nan
     hand = df["hand_score"].fillna(-1.0).to_numpy(dtype=float)
+    if cfg.subset is not None:  # a biased gated set: clips of other identities never pass
+        from ipa_lib.data.toyworld import shirt_colour
+
+        if arrays is None:
+            raise InputError(f"gate.subset={cfg.subset}: only the toy world's identities have a shirt colour")
+        df["subset"] = [shirt_colour(arrays["reference"][int(v.partition("#")[2])]) for v in df["video"]]
+        hand = np.where(df["subset"].to_numpy() == cfg.subset, hand, -1.0)
     df["kept"] = select(hand, cfg.threshold, cfg.top_k)
     expected = {} if real else {"num_frames": params.toy.frames, "height": params.toy.size, "width": params.toy.size}
     # the report lands beside the output folder first, so a failed check still leaves it
@@ -141,6 +149,8 @@ def gate(params: Params, samples_dir: str | Path, out_dir: str | Path, progress:
             "mean_kept_score": float(hand[kept].mean()) if kept.any() else None,
             "checks_passed": bool(report.success),
         }
+        if cfg.subset is not None:
+            summary["subset"] = cfg.subset
         atomic_write_json(tmp / "summary.json", summary)
     return summary
 
@@ -229,9 +239,9 @@ def gate_cases(params: Params, samples_dir: str | Path, out_dir: str | Path, pro
     cfg, data = params.gate, params.data
     name = params.gate_scorer
     if name != "mediapipe":
-        from ipa_lib.core.errors import InputError
-
         raise InputError(f"gate.scorer={cfg.scorer}: cases are gated by mediapipe (or auto)")
+    if cfg.subset is not None:
+        raise InputError(f"gate.subset={cfg.subset}: only the toy world's identities have a shirt colour")
     samples_dir = require_dir(samples_dir, "samples", MANIFEST)
     rows = read_manifest(samples_dir)
     out_dir = Path(out_dir)

@@ -425,6 +425,16 @@ def prepare_checkpoints(root: Path, key: str, what: dict, resume: bool | None, s
     return folder, changed
 
 
+ALONG = "along"  # train.save_at: <checkpoint key>/along/step-N while training, <out>/along/step-N after
+
+
+def make_optimizer(cfg: TrainConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """`train.optimizer`: AdamW without weight decay, or SGD with `train.momentum`, at `train.lr`."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+
+
 def finish_checkpoints(folder: Path, main: bool = True) -> None:
     """A finished run's checkpoints are not needed any more (its adapter is the output)."""
     if main:
@@ -673,7 +683,7 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
     accelerator = make_accelerator(cfg, backend)
     rank, processes, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     trainable = lora_parameters(backend.transformer)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(cfg, trainable)
 
     key, what = checkpoint_key(params, gated_dir, base_model)
     keys_root = Path(checkpoint_root) if checkpoint_root is not None else _checkpoint_root(out_dir)
@@ -693,7 +703,7 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
         if fsdp:  # FSDP (v1) flattens the parameters: the optimizer is built on the wrapped module
             model = accelerator.prepare(model)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            optimizer = accelerator.prepare(torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0))
+            optimizer = accelerator.prepare(make_optimizer(cfg, trainable))
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
         backend.transformer = model  # policy and reference forwards both run through the wrapper
@@ -734,6 +744,12 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
                 last_good = save_checkpoint(backend, optimizer, step, log, root) if main else root / f"step-{step:06d}"
             accelerator.wait_for_everyone()
             hold_after_checkpoint(step)
+        if step + 1 in cfg.save_at and step + 1 < cfg.steps:  # kept with the checkpoints until the end
+            with _Unwrapped(accelerator, backend, model):
+                if main:
+                    with atomic_dir(root / ALONG / f"step-{step + 1}") as tmp:
+                        backend.save_adapter(tmp)
+            accelerator.wait_for_everyone()
     if end < cfg.steps:
         return {"stopped_at": end - 1, "checkpoint": str(last_good)}
 
@@ -752,6 +768,8 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
                 atomic_write_json(tmp / "train_summary.json", summary)
                 (tmp / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
                 plot_curve(tmp / "train_curve.png", log, title=f"train[{cfg.loss}] beta={cfg.beta} lambda={cfg.hand_weight}")
+                if (root / ALONG).is_dir():  # train.save_at: the adapters along the budget
+                    shutil.copytree(root / ALONG, tmp / ALONG)
             write_train_metrics(result, metrics_path, curve_path)
     accelerator.wait_for_everyone()
     finish_checkpoints(root, main)
