@@ -55,6 +55,13 @@ paper-table: setup
 	$(BIN)/python scripts/paper_grid.py run
 	$(BIN)/ipa report
 
+## the experiments that separate IPA from SFT (docs/results.md "Experiments"): three DVC experiment grids
+## (step budget x gated-set size, a biased gated set, beta saturation x optimizer), then `ipa report`
+.PHONY: experiments
+experiments: setup
+	$(BIN)/python scripts/experiments.py run
+	$(BIN)/ipa report
+
 ## a second round for IPA hand (beta 600) and SFT: each samples again from its own round-1 adapter
 paper-table-round2: setup
 	$(BIN)/python scripts/paper_grid.py run --round 2 --methods ipa-hand sft --betas 600

@@ -3,6 +3,7 @@ shared fixtures: params files, free ports, a scratch git+DVC repo."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -34,6 +35,24 @@ TINY = [
     "evaluate.num_poses=3", "evaluate.val_poses=3", "evaluate.seeds=[0]", "evaluate.num_inference_steps=2",
     "tracking.enabled=false",
 ]
+
+
+def _checkout_metrics() -> dict[str, str]:
+    """sha256 of each of this checkout's metrics/*.json (the real round's DVC metrics)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((REPO / "metrics").glob("*.json"))}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_metrics_untouched():
+    """Fail the session when a test changed this checkout's metrics/*.json: tests write into tmp
+    dirs (a stage run with cwd=REPO writes the relative defaults, e.g. train.metrics, there)."""
+    before = _checkout_metrics()
+    yield
+    after = _checkout_metrics()
+    changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    if changed:
+        pytest.fail(f"tests changed this checkout's {', '.join(f'metrics/{n}' for n in changed)}: "
+                    "write stage outputs into a tmp dir (cwd=tmp_path or --set train.metrics=...)", pytrace=False)
 
 
 def tiny_params(extra: list[str] | None = None, workdir: Path | None = None):

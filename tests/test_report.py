@@ -152,7 +152,7 @@ def test_table_is_the_mean_over_seeds_with_a_t_interval(synthetic):
 def test_claims_follow_the_paired_differences(synthetic):
     cells = load_cells(synthetic)
     rows = aggregate(cells, n_boot=200)
-    claims = evaluate_claims(cells, rows, n_boot=200)
+    claims = evaluate_claims(cells, rows, primary="hand_quality", n_boot=200)
 
     def verdict_of(start: str) -> str:
         return next(c.verdict for c in claims if c.text.startswith(start))
@@ -172,7 +172,7 @@ def test_a_large_psnr_drop_contradicts_no_harm(tmp_path):
     for s in range(3):
         write_fake_cell(root, "ipa-hand", 600.0, s, {"hand_quality": 0.2, "psnr": -3.0 - 0.1 * s})
     cells = load_cells(root)
-    claims = evaluate_claims(cells, aggregate(cells, n_boot=100), n_boot=100, tolerances={"psnr": 1.0})
+    claims = evaluate_claims(cells, aggregate(cells, n_boot=100), primary="hand_quality", n_boot=100, tolerances={"psnr": 1.0})
     first = claims[0]
     assert first.verdict == "contradicted" and "harmed beyond tolerance" in first.evidence and "Δpsnr = -3.100" in first.evidence
 
@@ -194,11 +194,11 @@ def test_round_two_pairs_each_cell_with_its_start_model(tmp_path):
     assert starts[1].stats["hand_quality"].mean == pytest.approx(base_mean + 0.2)
     gain = compare(cells, 2, Config("ipa-hand", 600.0), Config("base"), "hand_quality")
     assert gain.mean == pytest.approx(0.06)  # against its own start, not the pretrained base
-    claims = evaluate_claims(cells, rows, n_boot=100)
+    claims = evaluate_claims(cells, rows, primary="hand_quality", n_boot=100)
     first2 = next(c for c in claims if c.round == 2)
     assert "vs its start (the round-1 model)" in first2.evidence
     out = tmp_path / "results.md"
-    build_report(cells, out, tmp_path / "results", extractors=None, n_boot=100)
+    build_report(cells, out, tmp_path / "results", extractors=None, primary="hand_quality", n_boot=100)
     text = out.read_text()
     assert "## Round 2" in text and "| start: round-1 IPA hand (λ=10) β=600 |" in text
     assert (tmp_path / "results" / "beta_hand_quality_round2.png").exists()
@@ -208,13 +208,13 @@ def test_claims_are_data_with_their_differences(synthetic, tmp_path):
     """Each claim keeps a stable key and the paired differences it was judged on; cells.json carries them."""
     cells = load_cells(synthetic)
     rows = aggregate(cells, n_boot=200)
-    claims = {c.key: c for c in evaluate_claims(cells, rows, n_boot=200)}
+    claims = {c.key: c for c in evaluate_claims(cells, rows, primary="hand_quality", n_boot=200)}
     assert list(claims) == ["no_harm", "beta_vs_200", "beta_vs_2000", "hand_vs_global", "vs_sft", "vs_dpo", "vs_kto"]
     d = compare(cells, 1, Config("ipa-hand", 600.0), Config("ipa-hand", 200.0), "hand_quality", n_boot=200)
     assert claims["beta_vs_200"].diffs["hand_quality"] == d and d.mean == pytest.approx(0.15)
     assert claims["no_harm"].diffs["psnr"].mean == pytest.approx(-0.1)  # the whole-video side of the claim
     assert claims["vs_dpo"].verdict == "not run" and claims["vs_dpo"].diffs == {"hand_quality": None}
-    build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=None, n_boot=200)
+    build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=None, primary="hand_quality", n_boot=200)
     saved = {c["key"]: c for c in json.loads((tmp_path / "results" / "cells.json").read_text())["claims"]}
     assert saved["beta_vs_200"]["diffs"]["hand_quality"]["mean"] == pytest.approx(d.mean)
     assert saved["beta_vs_200"]["diffs"]["hand_quality"]["lo"] == pytest.approx(d.lo) and saved["vs_dpo"]["diffs"]["hand_quality"] is None
@@ -242,7 +242,7 @@ def test_single_seed_comparisons_pair_the_clips(tmp_path):
 def test_markdown_shows_the_computed_numbers(synthetic, tmp_path):
     cells = load_cells(synthetic)
     out = tmp_path / "docs" / "results.md"
-    result = build_report(cells, out, tmp_path / "docs" / "results", extractors=None, n_boot=200)
+    result = build_report(cells, out, tmp_path / "docs" / "results", extractors=None, primary="hand_quality", n_boot=200)
     text = out.read_text()
     row = find_row(result["rows"], 1, "ipa-hand", 600.0)
     s = row.stats["hand_quality"]
@@ -277,7 +277,7 @@ def test_fd_columns_come_from_the_extractor(tmp_path):
     write_fake_cell(root, "ipa-hand", 600.0, 0, {"hand_quality": 0.1}, params=params, clips=clips)
     cells = load_cells(root)
     extractors = {"fd": _colour_stats, "hand_fd": _colour_stats}
-    result = build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=extractors, n_boot=100)
+    result = build_report(cells, tmp_path / "results.md", tmp_path / "results", extractors=extractors, primary="hand_quality", n_boot=100)
     fd_base = frechet_distance(_colour_stats(noisy), _colour_stats(target))
     hand_base = frechet_distance(_colour_stats(hand_view(noisy, ref["hand_keypoints"])), _colour_stats(hand_view(target, ref["hand_keypoints"])))
     assert cells[0].set_metrics["base"]["fd"] == pytest.approx(fd_base)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, adapter_state, write_params
+from conftest import adapter_state, write_params
 
 # Measured (tests/test_train_distributed.py on the tiny toy round, IPA, 6 steps, global batch 4,
 # 2 processes x 2 rows vs 1 process x 4 rows): max |delta| over the adapter weights 3.9e-4
@@ -32,7 +32,8 @@ def _launch(params, work: Path, out: Path, processes: int = 2, env: dict | None 
 
     cmd = launch_command(write_params(work / "params.yaml", params=params), work / "gated", out, processes=processes)
     full = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full, capture_output=True, text=True, timeout=600)
+    # cwd=work: rank 0 writes train.metrics / train.curve (relative defaults) under work, not this checkout
+    return subprocess.run(cmd, cwd=work, env=full, capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_match_one_process_at_the_same_global_batch(gated):
@@ -42,6 +43,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(gated):
     assert params.train.batch_size == 4
     two = _launch(params, work, work / "two")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert json.loads((work / params.train.metrics).read_text())["final_step"] == params.train.steps - 1  # rank 0's metrics
     train(params, work / "gated", work / "one", progress=False)  # 1 process x 4 rows
     split = params.model_copy(deep=True)
     split.train.micro_batch_size = 2  # 1 process x 2 rows x 2 accumulation steps

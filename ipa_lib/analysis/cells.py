@@ -84,6 +84,8 @@ def load_cell(folder: str | Path, with_clips: bool = True) -> Cell:
     params = yaml.safe_load((folder / "params.yaml").read_text()) if (folder / "params.yaml").exists() else {}
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{folder / 'per_clip.json'}: expected a non-empty list of rows")
+    if (folder / "details.json").exists():  # the val split's means: what selection (best beta) reads
+        meta = {**meta, "val": (read_json(folder / "details.json", "evaluation details") or {}).get("val")}
     clips = None
     if with_clips and (folder / "clips.npz").exists():
         clips = load_npz(folder / "clips.npz")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ipa_lib.analysis.cells import METHOD_TITLES, PAPER_BETA, SET_METRICS, Cell, clip_values, pose_matrix
-from ipa_lib.analysis.stats import (Row, Stat, best_beta, bootstrap_interval, bootstrap_se_interval, cell_value, fd_rows,
+from ipa_lib.analysis.stats import (Row, Stat, best_beta_val, bootstrap_interval, bootstrap_se_interval, cell_value, fd_rows,
                                     finite_mean, t_interval, table_metrics)
 from ipa_lib.core.metrics import get as get_metric
 
@@ -118,7 +118,7 @@ def fmt_diff(name: str, d: Stat | None, digits: int = 3) -> str:
     return f"Δ{name} = {d.mean:+.{digits}f}"
 
 
-def evaluate_claims(cells: Sequence[Cell], rows: Sequence[Row], *, primary: str = "hand_quality",
+def evaluate_claims(cells: Sequence[Cell], rows: Sequence[Row], *, primary: str = "hand_psnr",
                     tolerances: dict[str, float] | None = None, level: float = 0.95, n_boot: int = 1000,
                     paper_beta: float = PAPER_BETA) -> list[Claim]:
     """One claim per paper claim (and per question the issue asks) and round, from paired differences."""
@@ -191,9 +191,9 @@ def evaluate_claims(cells: Sequence[Cell], rows: Sequence[Row], *, primary: str 
         claims.append(Claim(rnd, "IPA beats SFT on the same gated samples", verdict(d), f"{fmt_diff(primary, d)} (IPA minus SFT)", "question",
                             key="vs_sft", diffs={primary: d}))
         for method in ("dpo", "kto"):
-            b = best_beta(rows, rnd, method, primary)
+            b = best_beta_val(cells, rnd, method, primary)  # chosen on the val poses, reported on test
             d = cmp(rnd, ipa, Config(method, b), primary) if b is not None else None
-            where = f"its best β={b:g}" if b is not None else "not run"
+            where = f"its best β={b:g} on the val poses" if b is not None else "not run, or no val numbers"
             claims.append(Claim(rnd, f"IPA beats {METHOD_TITLES[method]} at equal steps ({where})", verdict(d),
                                 f"{fmt_diff(primary, d)} (IPA β={paper_beta:g} minus {method.upper()})", "question",
                                 key=f"vs_{method}", diffs={primary: d}))

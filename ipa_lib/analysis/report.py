@@ -28,12 +28,13 @@ from ipa_lib.analysis.clip_metrics import add_clip_metrics
 from ipa_lib.analysis.plots import clip_grid, plot_beta_curves
 from ipa_lib.analysis.render import describe_setup, render_markdown
 from ipa_lib.analysis.stats import aggregate
+from ipa_lib.core.io import jsonable
 
 
 def build_report(cells: Sequence[Cell], out: str | Path, images_dir: str | Path, *, extractors: dict | None,
                  tolerances: dict[str, float] | None = None, level: float = 0.95, n_boot: int = 1000,
-                 primary: str = "hand_quality", command: str = "make paper-table", extra_notes: Sequence[str] = (),
-                 grid_records: Sequence[dict] = ()) -> dict:
+                 primary: str = "hand_psnr", command: str = "make paper-table", extra_notes: Sequence[str] = (),
+                 grid_records: Sequence[dict] = (), extra_sections: str = "") -> dict:
     """Compute everything from the cells, write the markdown, the PNGs and `<images>/cells.json`; return the numbers."""
     out, images_dir = Path(out), Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,8 @@ def build_report(cells: Sequence[Cell], out: str | Path, images_dir: str | Path,
     if not any(c.clips is not None for c in cells):
         notes.append("No cell stored its generated clips (eval/clips.npz), so FD, hand FD, the artefact probes and the clip grid are missing.")
     text = render_markdown(rows, claims, setup=setup, images=images, notes=notes, level=level, command=command)
+    if extra_sections:
+        text = text.rstrip("\n") + "\n\n" + extra_sections.rstrip("\n") + "\n"
     from ipa_lib.core.io import atomic_write_json, atomic_write_text
 
     atomic_write_text(out, text)
@@ -77,7 +80,7 @@ def build_report(cells: Sequence[Cell], out: str | Path, images_dir: str | Path,
                   for c in cells],
         **clip_info,
     }
-    atomic_write_json(images_dir / "cells.json", _jsonable(numbers))
+    atomic_write_json(images_dir / "cells.json", jsonable(numbers))
     return {"rows": rows, "claims": claims, "markdown": text, "images": images, **clip_info}
 
 
@@ -98,11 +101,14 @@ def load_extractor(spec: str) -> dict:
 def write_report(cells_dir: str | Path, out: str | Path = "docs/results.md", *, images: str | Path | None = None,
                  params: str | Path = "params.yaml", overrides: Sequence[str] = (), features: str | Path = "models/features",
                  extractor: str | None = None, fd: bool = True, level: float = 0.95, n_boot: int = 1000,
-                 primary: str = "hand_quality", command: str = "make paper-table") -> dict:
+                 primary: str = "hand_psnr", command: str = "make paper-table",
+                 experiments: str | Path | None = None) -> dict:
     """`ipa report`: read the collected cells under `cells_dir`, compute, write `out` and its images
     (default folder: `out` without `.md`). FD uses `extractor` (MODULE:CALLABLE) when given, else the
     toy extractors under `features` (trained there if missing), or is skipped with `fd=False`.
-    Returns `build_report`'s numbers plus the paths written (`out`, `images_dir`)."""
+    `experiments`: a folder of collected experiment cells (`scripts/experiments.py`) whose sections
+    and verdicts are appended (`ipa_lib.analysis.experiments`; numbers in `<images>/experiments.json`).
+    Returns `build_report`'s numbers plus the paths written (`out`, `images_dir`) and `predictions`."""
     import json
 
     from ipa_lib.core.config import load_params
@@ -122,24 +128,18 @@ def write_report(cells_dir: str | Path, out: str | Path = "docs/results.md", *, 
                              float(toy.get("motion", p.toy.motion)))
         extractors = {"fd": ex["full"], "hand_fd": ex["hands"]}
     records = [json.loads(f.read_text()) for f in sorted(Path(cells_dir).glob("grid-round-*.json"))]
+    sections, preds = "", []
+    if experiments is not None and Path(experiments).is_dir():
+        from ipa_lib.analysis.experiments import experiments_report
+
+        sections, preds = experiments_report(experiments, images_dir, out.parent, images_dir / "experiments.json", level, n_boot)
     result = build_report(cells, out, images_dir, extractors=extractors, tolerances=dict(p.promote.tolerances),
-                          level=level, n_boot=n_boot, primary=primary, command=command, grid_records=records)
-    return {**result, "out": out, "images_dir": images_dir}
+                          level=level, n_boot=n_boot, primary=primary, command=command, grid_records=records,
+                          extra_sections=sections)
+    return {**result, "out": out, "images_dir": images_dir, "predictions": preds}
 
 
 def _relpath(p: Path, start: Path) -> str:
     import os
 
     return os.path.relpath(Path(p).resolve(), Path(start).resolve())
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x

@@ -231,3 +231,18 @@ def best_beta(rows: Sequence[Row], rnd: int, method: str, metric: str) -> float 
         return None
     sign = 1 if get_metric(metric).higher_is_better else -1
     return max(cands, key=lambda r: sign * r.stats[metric].mean).beta
+
+
+def best_beta_val(cells: Sequence[Cell], rnd: int, method: str, metric: str) -> float | None:
+    """The beta of `method` whose cells score best on `metric` on the val split (the val means in
+    each cell's details.json, training seeds averaged): selection never reads the reported test
+    poses. None when the method was not run or its cells carry no val numbers."""
+    by_beta: dict[float | None, list[float]] = {}
+    for c in cells:
+        val = ((c.meta.get("val") or {}).get("ipa") or {})
+        if c.round == rnd and c.method == method and metric in val:
+            by_beta.setdefault(c.beta, []).append(float(val[metric]))
+    if not by_beta:
+        return None
+    sign = 1 if get_metric(metric).higher_is_better else -1
+    return max(by_beta, key=lambda b: sign * float(np.mean(by_beta[b])))

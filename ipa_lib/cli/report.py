@@ -18,7 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    p.add_argument("--primary", default="hand_quality", help="metric the claims are judged on (default hand_quality)")
+    p.add_argument("--primary", default="hand_psnr",
+                   help="metric the claims are judged on (default hand_psnr: ground truth the gate never saw; hand_quality is the gate's own scorer)")
+    p.add_argument("--experiments", default=".ipa/experiments",
+                   help="collected experiment cells (scripts/experiments.py) to append with their verdicts (skipped when absent)")
     p.add_argument("--command", default="make paper-table", help="the regenerate command named in the report")
     p.add_argument("--quiet", action="store_true", help="print nothing (no claims, no 'wrote ...' line)")
     return p
@@ -30,10 +33,12 @@ def report_main(args: argparse.Namespace) -> int:
 
     result = write_report(args.cells, args.out, images=args.images, params=args.params, overrides=args.set,
                           features=args.features, extractor=args.extractor, fd=not args.no_fd, level=args.level,
-                          n_boot=args.bootstrap, primary=args.primary, command=args.command)
+                          n_boot=args.bootstrap, primary=args.primary, command=args.command, experiments=args.experiments)
     if not args.quiet:
         for c in result["claims"]:
             print(f"[round {c.round}] {c.text}: {c.verdict} ({c.evidence})")
+        for pr in result.get("predictions", []):
+            print(f"[{pr.grid}] {pr.text}: {pr.verdict} ({pr.evidence})")
         print(f"wrote {result['out']} and {result['images_dir']}/")
     return 0
 

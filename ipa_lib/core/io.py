@@ -4,6 +4,7 @@ crash never leaves a half-written folder where the next stage (or DVC) would tru
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -86,3 +87,16 @@ def require_dir(path: str | Path, what: str, must_contain: str | None = None) ->
     if must_contain and not (path / must_contain).exists():
         raise FileNotFoundError(f"{path}: {what} folder has no {must_contain}")
     return path
+
+
+def jsonable(x):
+    """`x` with numpy scalars as Python numbers and non-finite floats as None (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
