@@ -142,6 +142,43 @@ def evaluate(params: Input[Artifact], beta: float, base_model: str, adapter: Inp
     Path(report.path).write_text(evaluation_html(result, f"{evaluation.path}/side_by_side.png", f"beta = {beta:g}"))
 
 
+def evaluate_shard(params: Input[Artifact], shard: int, base_model: str, adapter: Input[Model],
+                   evaluated: Output[Artifact]):
+    """Evaluate one shard (`evaluate.shards`), one pod per shard: its per-clip rows and clips +
+    shard.json (merge-evaluations checks them). No beta parameter: kfp.local would replace an
+    enclosing loop's item inside this nested loop (the adapter carries the beta)."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.stages.evaluate import evaluate_shard as run
+
+    p = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
+    evaluated.metadata.update(run(p, adapter.path, shard, evaluated.path, base_model, progress=False))
+
+
+def merge_evaluations(params: Input[Artifact], beta: float, adapter: Input[Model], shards: Input[List[Artifact]],
+                      evaluation: Output[Artifact], metrics: Output[Metrics], report: Output[HTML]):
+    """The evaluate stage's result from its shards (each once, same params and adapter, every
+    planned clip once): the artifacts and metrics the evaluate task writes."""
+    import json
+    from pathlib import Path
+
+    from ipa_lib.core.config import parse_params
+    from ipa_lib.mlops.tracking import tracked_stage
+    from ipa_lib.stages.evaluate import merge_evaluations as run
+    from ipa_lib.stages.select import eval_metric_items, evaluation_html
+
+    params = parse_params(json.loads(Path(params.path).read_text()), "params (resolve-params)")
+    params.train.beta = beta
+    result = tracked_stage(params, "evaluate", lambda p: run(p, [s.path for s in shards], evaluation.path, f"{evaluation.path}/eval.json",
+                                                             val_metrics_path=f"{evaluation.path}/eval_val.json"),
+                           inputs=[(adapter.path, "adapter")], output=evaluation.path, dvc_stage=f"evaluate@{beta:g}")
+    for k, v in eval_metric_items(result).items():
+        metrics.log_metric(k, v)
+    Path(report.path).write_text(evaluation_html(result, f"{evaluation.path}/side_by_side.png", f"beta = {beta:g}"))
+
+
 def select_best(params_json: str, adapters: Input[List[Model]], evaluations: Input[List[Artifact]],
                 best_adapter: Output[Model], best_evaluation: Output[Artifact],
                 report: Output[Markdown]) -> NamedTuple("Outputs", [("beta", float), ("value", float)]):
@@ -219,8 +256,9 @@ def record_failure(params_json: str, kfp_run_id: str, status: dsl.PipelineTaskFi
     return json.dumps(rounds) if rounds else f"no round run is tagged ipa.kfp.run_id={kfp_run_id} ({reason})"
 
 
-STAGES = (resolve_params, sample_shard, merge_shards, gate, train, evaluate, select_best, register, decide_promotion, promote, record_failure)
-GPU_STAGES = (sample_shard, train, evaluate)  # the model's forward passes
+STAGES = (resolve_params, sample_shard, merge_shards, gate, train, evaluate, evaluate_shard, merge_evaluations, select_best,
+          register, decide_promotion, promote, record_failure)
+GPU_STAGES = (sample_shard, train, evaluate, evaluate_shard)  # the model's forward passes
 
 
 def build(image: str, gpu_image: str) -> dict:

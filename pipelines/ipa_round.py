@@ -2,7 +2,8 @@
 
     ExitHandler(record-failure) {
         resolve-params -> ParallelFor(shard in shards: sample-shard) -> merge-shards -> gate
-            -> ParallelFor(beta in betas: train -> evaluate)
+            -> ParallelFor(beta in betas: train -> evaluate
+                           | with evaluate.shards > 1: ParallelFor(shard: evaluate-shard) -> merge-evaluations)
             -> select-best -> register -> decide-promotion -> If(decision == promote): promote }
 
 Sampling fans out: one `sample-shard` pod per shard of the clip store (`sample.shards` on
@@ -10,6 +11,10 @@ cases, one on the toy world: `ipa_lib.stages.sample.shard_indices`, fixed at com
 then `merge-shards` checks the union (each shard once, no duplicate clip ids, every planned
 clip) and writes the store the gate reads, the same store `ipa sample` writes. The model's
 tasks (sample-shard, train, evaluate) run on the GPU pool (`_gpu_pod`) unless `cpu_only`.
+Evaluation fans out the same way when `evaluate.shards` > 1 (compile time): one
+`evaluate-shard` GPU pod per shard inside each sweep member, then `merge-evaluations`, which
+checks the union and writes the evaluate task's artifacts and metrics (select-best reads them
+unchanged); with one shard the sweep member runs the `evaluate` task as before.
 
 `build_pipeline(params)` returns the @dsl.pipeline function. Its parameters are
 `params_json` (the whole validated params.yaml as JSON), `betas` (the sweep), the typed
@@ -34,9 +39,10 @@ PIPELINE_NAME = "ipa-round"
 # tasks that talk to MLflow: every stage logs its stage run (merge-shards the sample stage's;
 # sample-shard may start from `backend.init_adapter`, a models:/ URI), the exit handler marks a failed round; select-best
 # only copies files
-MLFLOW_TASKS = ("sample-shard", "merge-shards", "gate", "train", "evaluate", "register", "decide-promotion", "promote", "record-failure")
+MLFLOW_TASKS = ("sample-shard", "merge-shards", "gate", "train", "evaluate", "merge-evaluations", "register", "decide-promotion",
+                "promote", "record-failure")
 # tasks that read the base model (or, merge-shards, the cases) from the workspace PVC
-PVC_TASKS = ("sample-shard", "merge-shards", "train", "evaluate", "register")
+PVC_TASKS = ("sample-shard", "merge-shards", "train", "evaluate", "evaluate-shard", "merge-evaluations", "register")
 # tasks never served from cache: sampling and training (inputs do not pin the data
 # version), everything that writes to the model registry, and the exit handler
 NO_CACHE_TASKS = ("sample-shard", "merge-shards", "train", "register", "decide-promotion", "promote", "record-failure")
@@ -91,7 +97,7 @@ def _configure(task, name: str, pc) -> None:
         _mlflow_env(task, pc)
 
 
-GPU_TASKS = ("sample-shard", "train", "evaluate")  # the model's forward passes
+GPU_TASKS = ("sample-shard", "train", "evaluate", "evaluate-shard")  # the model's forward passes
 
 
 def _gpu_pod(task, pc) -> None:
@@ -121,6 +127,7 @@ def build_pipeline(params: Params):
     from kfp import dsl
 
     from components.stages import build
+    from ipa_lib.stages.evaluate import evaluation_shards
     from ipa_lib.stages.sample import shard_indices
 
     pc = params.pipeline
@@ -164,10 +171,20 @@ def build_pipeline(params: Params):
                                      kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, gated=gated.outputs["gated"])
                 _configure(trained, "train", pc)
                 _gpu_pod(trained, pc)
-                evaluated = c["evaluate"](params=p_artifact, beta=beta, base_model=base_model,
-                                          adapter=trained.outputs["adapter"])
-                _configure(evaluated, "evaluate", pc)
-                _gpu_pod(evaluated, pc)
+                if params.evaluate.shards > 1:  # compiled in; merge-evaluations refuses other params
+                    with dsl.ParallelFor(items=evaluation_shards(params), name="evaluate-shards") as eval_shard:
+                        part = c["evaluate_shard"](params=p_artifact, shard=eval_shard, base_model=base_model,
+                                                   adapter=trained.outputs["adapter"])
+                        _configure(part, "evaluate-shard", pc)
+                        _gpu_pod(part, pc)
+                    evaluated = c["merge_evaluations"](params=p_artifact, beta=beta, adapter=trained.outputs["adapter"],
+                                                       shards=dsl.Collected(part.outputs["evaluated"]))
+                    _configure(evaluated, "merge-evaluations", pc)
+                else:
+                    evaluated = c["evaluate"](params=p_artifact, beta=beta, base_model=base_model,
+                                              adapter=trained.outputs["adapter"])
+                    _configure(evaluated, "evaluate", pc)
+                    _gpu_pod(evaluated, pc)
 
             best = c["select_best"](params_json=p, adapters=dsl.Collected(trained.outputs["adapter"]),
                                     evaluations=dsl.Collected(evaluated.outputs["evaluation"]))

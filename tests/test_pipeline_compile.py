@@ -261,21 +261,55 @@ def test_exit_handler_records_a_failed_round(compiled):
     assert tasks["train"]["inputs"]["parameters"]["kfp_run_id"] == run_id
 
 
+SHARDED_EVAL_TASKS = ("evaluate-shard", "merge-evaluations")  # only with evaluate.shards > 1 (test below)
+ONE_SHARD_TASKS = tuple(t for t in PIPELINE_TASKS if t not in SHARDED_EVAL_TASKS)
+
+
 def test_timeouts_and_image_pull_secrets(compiled, params, tmp_path):
     _, _, k8s = compiled
     timeouts = params.pipeline.task_timeout_s
     assert sorted(timeouts) == sorted(PIPELINE_TASKS)
-    for task in PIPELINE_TASKS:
+    assert not any(f"exec-{t}" in k8s for t in SHARDED_EVAL_TASKS)
+    for task in ONE_SHARD_TASKS:
         assert k8s[f"exec-{task}"]["activeDeadlineSeconds"] == str(timeouts[task]), task
         assert "imagePullSecret" not in k8s[f"exec-{task}"], task  # none by default
     out = tmp_path / "private.yaml"
     sets = ["pipeline.image_pull_secrets=[regcred, other]", "pipeline.task_timeout_s.train=3600"]
     assert kfp_cli.main(_args(tmp_path, sets=sets, out=out)) == 0
     _, k8s = _load(out)
-    for task in PIPELINE_TASKS:
+    for task in ONE_SHARD_TASKS:
         assert [s["secretName"] for s in k8s[f"exec-{task}"]["imagePullSecret"]] == ["regcred", "other"], task
     assert k8s["exec-train"]["activeDeadlineSeconds"] == "3600"
     assert k8s["exec-sample-shard"]["activeDeadlineSeconds"] == str(timeouts["sample-shard"])  # the others keep theirs
+
+
+def test_sharded_evaluation_fans_out_on_the_gpu_pool(tmp_path, params):
+    """evaluate.shards=2: inside the beta loop, evaluate-shard in a ParallelFor over [0, 1] on the
+    GPU pool, then merge-evaluations, whose evaluation select-best collects as the evaluate task's."""
+    out = tmp_path / "sharded.yaml"
+    assert kfp_cli.main(_args(tmp_path, sets=["evaluate.shards=2"], out=out)) == 0
+    spec, k8s = _load(out)
+    pc = params.pipeline
+    root = _tasks(spec, _body(spec))
+    beta_loop = next(t for t in root.values() if "inputParameter" in t.get("parameterIterator", {}).get("items", {}))
+    member = _tasks(spec, beta_loop["componentRef"]["name"])
+    shard_loop = next(n for n, t in member.items() if "raw" in t.get("parameterIterator", {}).get("items", {}))
+    assert sorted(member) == sorted(["train", shard_loop, "merge-evaluations"])
+    assert json.loads(member[shard_loop]["parameterIterator"]["items"]["raw"]) == [0, 1]
+    inner = _tasks(spec, member[shard_loop]["componentRef"]["name"])
+    assert sorted(inner) == ["evaluate-shard"]
+    assert inner["evaluate-shard"]["retryPolicy"]["maxRetryCount"] == pc.train_retries
+    assert member["merge-evaluations"]["inputs"]["artifacts"]["shards"]["taskOutputArtifact"]["producerTask"] == shard_loop
+    executors = spec["deploymentSpec"]["executors"]
+    res = executors["exec-evaluate-shard"]["container"]["resources"]
+    assert res["accelerator"]["resourceType"] == pc.accelerator_type and executors["exec-evaluate-shard"]["container"]["image"] == pc.gpu_image
+    assert k8s["exec-evaluate-shard"]["nodeSelector"]["labels"] == pc.node_selector
+    assert "accelerator" not in executors["exec-merge-evaluations"]["container"].get("resources", {})
+    assert "exec-evaluate" not in executors
+    for task in SHARDED_EVAL_TASKS:
+        assert k8s[f"exec-{task}"]["activeDeadlineSeconds"] == str(pc.task_timeout_s[task]), task
+    loop_out = spec["components"][beta_loop["componentRef"]["name"]]["outputDefinitions"]["artifacts"]
+    assert loop_out["pipelinechannel--merge-evaluations-evaluation"]["isArtifactList"]
 
 
 def test_cpu_only_train_has_no_gpu(tmp_path, params):

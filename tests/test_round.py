@@ -293,3 +293,15 @@ def test_second_round_starts_from_the_aligned_model(gated):
     with torch.no_grad(), second.reference_model():
         ref = second.predict_velocity(x, t, second.condition(batch))
     torch.testing.assert_close(ref, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_spike_must_also_exceed_the_first_loss():
+    """A saturated DPO loss (~1e-4) that swings back to 0.59 < log 2 is not a divergence; a
+    loss far above both the running median and the first step's loss is; NaN always is."""
+    from ipa_lib.stages.train import is_divergence
+
+    saturated = [0.693] + [1e-4] * 30
+    assert not is_divergence(0.59, saturated, 1000.0)
+    assert is_divergence(5.0, saturated, 1000.0)
+    assert not is_divergence(5.0, saturated[:10], 1000.0)  # too few losses for a median yet
+    assert is_divergence(float("nan"), [], 50.0) and is_divergence(float("inf"), saturated, 50.0)

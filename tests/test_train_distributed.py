@@ -100,3 +100,42 @@ def test_batch_split_keeps_the_global_batch():
         batch_split(TrainConfig(batch_size=16), 3)
     with pytest.raises(InputError, match=r"train.micro_batch_size=3"):
         batch_split(TrainConfig(batch_size=16, micro_batch_size=3), 2)
+
+
+def test_torchrun_and_the_pod_launcher_give_the_accelerate_adapter(gated, monkeypatch):
+    """Plain `torchrun` (no accelerate launcher) and the KFP train task's path with
+    `pipeline.accelerator_limit=2` (`train_in_pod`, what components/stages.py runs) both train
+    the bit-identical adapter of `accelerate launch` with 2 processes."""
+    import sys
+
+    from ipa_lib.stages.train import train_in_pod
+
+    params, work = gated
+    ref = _launch(params, work, work / "accelerate")
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port),
+           "-m", "ipa_lib.cli", "train", "--params", str(work / "params.yaml"), "--gated", str(work / "gated"),
+           "--out", str(work / "torchrun"), "--quiet"]
+    run = subprocess.run(cmd, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    pod = params.model_copy(deep=True)
+    pod.pipeline.accelerator_limit = 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = train_in_pod(pod, work / "gated", work / "pod", progress=False, metrics_path=work / "pod-metrics.json")
+    assert result["steps"] == params.train.steps and len(result["log"]) == params.train.steps
+    assert json.loads((work / "pod-metrics.json").read_text())["final_step"] == params.train.steps - 1
+
+    a = adapter_state(work / "accelerate")
+    for other in ("torchrun", "pod"):
+        b = adapter_state(work / other)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)

@@ -203,6 +203,8 @@ class EvaluateConfig(Section):
     train_poses: int = Field(0, ge=0)
     # toy world: also evaluate the adapters train.save_at kept (`eval/along/step-N`, aligned only)
     along: bool = False
+    shards: int = Field(1, ge=1)  # independent evaluation shards (KFP: one GPU pod each, then merge-evaluations)
+    workers: int = Field(1, ge=1)  # DVC: processes evaluating the shards at once (1: one process, no shards)
     out: str = "eval"
     metrics: str = "metrics/eval.json"
     val_metrics: str = "metrics/eval_val.json"  # cases: the val split (select-best, promotion); `metrics` = test
@@ -273,10 +275,11 @@ def _directed_metric(name: str) -> str:
 
 
 # the tasks of the KFP round (pipelines/ipa_round.py), and their pod timeouts by default
-PIPELINE_TASKS = ("resolve-params", "sample-shard", "merge-shards", "gate", "train", "evaluate", "select-best", "register",
-                  "decide-promotion", "promote", "record-failure")
+PIPELINE_TASKS = ("resolve-params", "sample-shard", "merge-shards", "gate", "train", "evaluate", "evaluate-shard",
+                  "merge-evaluations", "select-best", "register", "decide-promotion", "promote", "record-failure")
 DEFAULT_TASK_TIMEOUT_S = {
     "resolve-params": 600, "sample-shard": 6 * 3600, "merge-shards": 3600, "gate": 2 * 3600, "train": 24 * 3600, "evaluate": 6 * 3600,
+    "evaluate-shard": 6 * 3600, "merge-evaluations": 3600,
     "select-best": 1800, "register": 3600, "decide-promotion": 1800, "promote": 1800, "record-failure": 600,
 }
 

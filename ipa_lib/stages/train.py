@@ -428,6 +428,19 @@ def prepare_checkpoints(root: Path, key: str, what: dict, resume: bool | None, s
 ALONG = "along"  # train.save_at: <checkpoint key>/along/step-N while training, <out>/along/step-N after
 
 
+def is_divergence(value: float, losses: list[float], spike_factor: float) -> bool:
+    """A loss that stops training: not finite, or a spike, i.e. above `spike_factor` x the running
+    median of the last 50 losses (once 20 are logged) *and* above the first step's loss. The
+    second condition keeps a saturated DPO/KTO loss near 0 that swings back towards log 2 (the
+    method's behaviour to measure) from counting as a divergence."""
+    if not math.isfinite(value):
+        return True
+    if len(losses) < 20:
+        return False
+    median = float(np.median(losses[-50:]))
+    return value > spike_factor * max(median, 1e-8) and value > losses[0]
+
+
 def make_optimizer(cfg: TrainConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """`train.optimizer`: AdamW without weight decay, or SGD with `train.momentum`, at `train.lr`."""
     if cfg.optimizer == "sgd":
@@ -729,7 +742,7 @@ def train(params: Params, gated_dir: str | Path, out_dir: str | Path, base_model
                 accelerator.backward(loss / accum if accum > 1 else loss)  # gradients: mean over the global batch
         value, stats = _global_mean(accelerator, values, parts)
         median = float(np.median(losses[-50:])) if len(losses) >= 20 else math.inf
-        if not math.isfinite(value) or value > cfg.spike_factor * max(median, 1e-8):
+        if is_divergence(value, losses, cfg.spike_factor):
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
             raise TrainingDiverged(f"train: loss {value} at step {step} (running median {median:.4g}); stopped, {where}")
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters() if fsdp else trainable, cfg.max_grad_norm))
