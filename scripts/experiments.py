@@ -12,9 +12,8 @@ kept set, a biased subset) regates them (seconds), every cell trains and evaluat
     ipa report                                          # docs/results.md, experiment sections included
 
 Grids (each fits 90 min on 2 CPU cores, see `budget` below and docs/results.md for the times):
-- budget: gated sets of 96 clips x {SFT, SFT-(1-t)^2, IPA beta=600, IPA beta=6000} and of 24
-  clips x {SFT, IPA beta=600, IPA beta=6000} (SFT-(1-t)^2 there was cut to fit) x training seeds
-  {0, 1}, 300 steps with the adapter at step 100 evaluated too.
+- budget: gated sets of 24 and 96 clips x {SFT, SFT-(1-t)^2, IPA beta=600, IPA beta=6000} x
+  training seeds {0, 1}, 300 steps with the adapter at step 100 evaluated too.
 - optimizer: IPA beta in {600, 6000, 60000} x {AdamW, SGD (momentum 0.9)} plus SFT and
   SFT-(1-t)^2 under both, 300 steps, training seed 0. The AdamW cells at beta 600 / 6000 and
   both SFTs are the budget grid's 96-clip seed-0 cells (same overrides, run once).
@@ -112,7 +111,7 @@ def plan(grids: list[str]) -> list[Cell]:
     for g in grids:
         if g == "budget":
             for k in (24, 96):
-                for loss in ("sft", "ipa-b600", "ipa-b6000") if k == 24 else ("sft", "sft_t2", "ipa-b600", "ipa-b6000"):
+                for loss in ("sft", "sft_t2", "ipa-b600", "ipa-b6000"):
                     for s in (0, 1):
                         add(g, f"k{k}-{loss}", s, {"gate.top_k": str(k), **LOSSES[loss]})
         elif g == "optimizer":
