@@ -216,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             {"grids": args.grids, "cells": len(cells), "jobs": args.jobs, "minutes": minutes, "finished": time.strftime("%Y-%m-%d %H:%M")}, indent=2) + "\n")
     if args.action in ("run", "collect"):
         missing = collect(cells, root, repo, env)
+        done = [json.loads((root / c.name / "cell.json").read_text()) for c in cells if (root / c.name / "cell.json").exists()]
+        if done and args.action == "collect":  # what the cells' own records say (queue started by hand or by `run`)
+            stamps = sorted(d["timestamp"] for d in done)
+            (root / "collected.json").write_text(json.dumps(
+                {"grids": args.grids, "cells": len(done), "first_finished": stamps[0], "last_finished": stamps[-1],
+                 "train_minutes_total": round(sum(d["seconds"].get("train") or 0 for d in done) / 60, 1)}, indent=2) + "\n")
         if missing:
             print("not finished (see `dvc queue status`):\n  " + "\n  ".join(missing), file=sys.stderr)
             return 1

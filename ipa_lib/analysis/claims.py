@@ -179,7 +179,7 @@ def evaluate_claims(cells: Sequence[Cell], rows: Sequence[Row], *, primary: str 
         d = cmp(rnd, ipa, Config("ipa-global", paper_beta), primary)
         ev = f"{fmt_diff(primary, d)} (λ=10 minus λ=1, β={paper_beta:g})"
         diffs = {primary: d}
-        for m in ("hand_psnr", "hand_fd"):
+        for m in [x for x in ("hand_quality", "hand_psnr", "hand_fd") if x != primary]:
             e = cmp(rnd, ipa, Config("ipa-global", paper_beta), m)
             if e is not None:
                 ev += f"; {fmt_diff(m, e)}"

@@ -437,10 +437,14 @@ def render_sections(cells: Sequence[ExpCell], preds: Sequence[Prediction], image
              "for reference. Intervals: 95 % paired bootstrap over test poses with the training seeds averaged; *held* also "
              "needs every training seed to agree (`ipa_lib/analysis/experiments.py`).", ""]
     for r in runs:
-        lines.append(f"- Run: {r.get('cells')} cells of {', '.join(r.get('grids', []))} in {r.get('minutes')} min with "
-                     f"{r.get('jobs')} queue workers on 2 CPU cores, finished {r.get('finished')}.")
-    if runs:
-        lines.append("")
+        if "minutes" in r:
+            lines.append(f"- Run: {r.get('cells')} cells of {', '.join(r.get('grids', []))} in {r.get('minutes')} min with "
+                         f"{r.get('jobs')} queue workers on 2 CPU cores, finished {r.get('finished')}.")
+        else:
+            lines.append(f"- Collected {r.get('cells')} cells; experiments finished between {r.get('first_finished')} and "
+                         f"{r.get('last_finished')}; their train stages took {r.get('train_minutes_total')} worker-minutes in all.")
+    lines += ["- Rerun one grid: `python scripts/experiments.py run --grids budget` (or `optimizer`, `biased`), then `ipa report`; "
+              "`python scripts/experiments.py plan` prints every cell's `dvc exp run` command.", ""]
     lines += ["### Verdicts", ""] + [f"- [{p.grid}] {p.text}: **{p.verdict}**. {p.evidence}" for p in preds] + [""]
     sections = (("budget", "Step budget x gated-set size", ("hand_psnr", "gap", "nonhand_psnr", "diversity", "hand_quality", "saturated", "logits_p50", "rel_gain", "adapter_norm")),
                 ("biased", "A biased gated set (one shirt colour)", ("hand_psnr", "nonhand_psnr_in", "nonhand_psnr_out", "diversity", "saturated", "adapter_norm")),
@@ -472,7 +476,7 @@ def experiments_report(root: str | Path, images_dir: str | Path, markdown_dir: s
         return "", []
     preds = predictions(cells, level, n_boot)
     images = {k: os.path.relpath(Path(p).resolve(), Path(markdown_dir).resolve()) for k, p in plot_experiments(cells, images_dir).items()}
-    runs = [json.loads(f.read_text()) for f in sorted(Path(root).glob("run-*.json"))]
+    runs = [json.loads(f.read_text()) for f in sorted(Path(root).glob("run-*.json")) + sorted(Path(root).glob("collected.json"))]
     text = render_sections(cells, preds, images, runs)
     atomic_write_json(numbers_path, jsonable({
         "cells": {c.name: {"label": c.label, "seed": c.seed, "grids": c.grids,
