@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if done and args.action == "collect":  # what the cells' own records say (queue started by hand or by `run`)
             stamps = sorted(d["timestamp"] for d in done)
             (root / "collected.json").write_text(json.dumps(
-                {"grids": args.grids, "cells": len(done), "first_finished": stamps[0], "last_finished": stamps[-1],
+                {"grids": args.grids, "cells": len(done), "not_run": missing, "first_finished": stamps[0], "last_finished": stamps[-1],
                  "train_minutes_total": round(sum(d["seconds"].get("train") or 0 for d in done) / 60, 1)}, indent=2) + "\n")
         if missing:
             print("not finished (see `dvc queue status`):\n  " + "\n  ".join(missing), file=sys.stderr)

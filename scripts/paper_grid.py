@@ -220,6 +220,10 @@ def existing_experiments(repo: Path, env: dict, prefix: str = PREFIX) -> dict[st
     def walk(nodes):
         for node in nodes or []:
             for e in node.get("experiments") or []:
+                # queued / running / failed tasks are listed too, at their stash revision (the
+                # workspace they were queued from): only finished experiments carry their outputs
+                if ((e.get("executor") or {}).get("state") or "success") != "success":
+                    continue
                 for rev in e.get("revs") or []:
                     data = rev.get("data") or {}
                     name = rev.get("name") or e.get("name")

@@ -248,8 +248,9 @@ class Prediction:
 def _fmt(stat: Stat | None, per_seed: Sequence[float], unit: str = "dB") -> str:
     if stat is None:
         return "n/a"
-    seeds = ", ".join(f"{s:+.3f}" for s in per_seed)
-    return f"{stat.mean:+.3f} {unit} [{stat.lo:+.3f}, {stat.hi:+.3f}] (per training seed: {seeds})"
+    d = 3 if unit else 5  # diversity differences are ~1e-4
+    seeds = ", ".join(f"{s:+.{d}f}" for s in per_seed)
+    return f"{stat.mean:+.{d}f}{' ' + unit if unit else ''} [{stat.lo:+.{d}f}, {stat.hi:+.{d}f}] (per training seed: {seeds})"
 
 
 def predictions(cells: Sequence[ExpCell], level: float = 0.95, n_boot: int = 1000) -> list[Prediction]:
@@ -415,7 +416,7 @@ def _table(cells: Sequence[ExpCell], labels: Sequence[str], metrics: Sequence[st
             row = []
             for m in metrics:
                 v = [x[m] for x in vals if m in x and math.isfinite(x[m])]
-                row.append(f"{np.mean(v):.3f}" if v else "—")
+                row.append((f"{np.mean(v):.4f}" if m == "diversity" else f"{np.mean(v):.3f}") if v else "—")
             lines.append(f"| {cellname} | {len(group)} | {s} | " + " | ".join(row) + " |")
             first = False
     return lines
@@ -443,6 +444,8 @@ def render_sections(cells: Sequence[ExpCell], preds: Sequence[Prediction], image
         else:
             lines.append(f"- Collected {r.get('cells')} cells; experiments finished between {r.get('first_finished')} and "
                          f"{r.get('last_finished')}; their train stages took {r.get('train_minutes_total')} worker-minutes in all.")
+            if r.get("not_run"):
+                lines.append(f"- Planned (`python scripts/experiments.py plan`) but not run: {', '.join(r['not_run'])}.")
     lines += ["- Rerun one grid: `python scripts/experiments.py run --grids budget` (or `optimizer`, `biased`), then `ipa report`; "
               "`python scripts/experiments.py plan` prints every cell's `dvc exp run` command.", ""]
     lines += ["### Verdicts", ""] + [f"- [{p.grid}] {p.text}: **{p.verdict}**. {p.evidence}" for p in preds] + [""]
