@@ -99,3 +99,20 @@ class ClipStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_shard_infos(shard_dirs, info_name: str, what: str) -> dict:
+    """shard index -> (folder, its `info_name` JSON) of shard folders (sampled or evaluation
+    shards); a folder without the file, or a shard given twice, is an InputError naming it."""
+    from ipa_lib.core.io import read_json
+
+    found: dict = {}
+    for folder in map(Path, shard_dirs):
+        if not (folder / info_name).is_file():
+            raise InputError(f"{folder}: not {'an' if what[0] in 'aeiou' else 'a'} {what} ({info_name} missing)")
+        info = read_json(folder / info_name, f"{what} info")
+        s = info.get("shard")
+        if s in found:
+            raise InputError(f"{what.replace('sampled ', '')} {s} given twice: {found[s][0]} and {folder}")
+        found[s] = (folder, info)
+    return found

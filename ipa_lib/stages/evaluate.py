@@ -550,16 +550,9 @@ def _read_shards(params: Params, shard_dirs: list[str | Path], units: list[dict]
     """(folder, info, rows) of every shard in shard order, checked: each shard of
     `evaluation_shards` once, evaluated with these params and the same adapter, holding its planned units."""
     from ipa_lib.core.io import read_json
+    from ipa_lib.data.clip_store import read_shard_infos
 
-    found: dict[int, tuple[Path, dict]] = {}
-    for folder in map(Path, shard_dirs):
-        if not (folder / SHARD_INFO).is_file():
-            raise InputError(f"{folder}: not an evaluation shard ({SHARD_INFO} missing)")
-        info = read_json(folder / SHARD_INFO, "evaluation shard info")
-        s = info.get("shard")
-        if s in found:
-            raise InputError(f"evaluation shard {s} given twice: {found[s][0]} and {folder}")
-        found[s] = (folder, info)
+    found = read_shard_infos(shard_dirs, SHARD_INFO, "evaluation shard")
     expected = evaluation_shards(params)
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected), key=str)
     if missing or extra:

@@ -286,17 +286,9 @@ def sample_one_shard(params: Params, shard: int, out_dir: str | Path, base_model
 
 def _shard_infos(params: Params, shard_dirs: list[str | Path]) -> dict[int, tuple[Path, dict]]:
     """shard index -> (folder, info), checked: every shard of the store present exactly once."""
-    from ipa_lib.core.io import read_json
+    from ipa_lib.data.clip_store import read_shard_infos
 
-    found: dict[int, tuple[Path, dict]] = {}
-    for folder in map(Path, shard_dirs):
-        if not (folder / SHARD_INFO).is_file():
-            raise InputError(f"{folder}: not a sampled shard ({SHARD_INFO} missing)")
-        info = read_json(folder / SHARD_INFO, "shard info")
-        s = info.get("shard")
-        if s in found:
-            raise InputError(f"shard {s} given twice: {found[s][0]} and {folder}")
-        found[s] = (folder, info)
+    found = read_shard_infos(shard_dirs, SHARD_INFO, "sampled shard")
     expected = shard_indices(params)
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected), key=str)
