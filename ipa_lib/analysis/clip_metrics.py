@@ -65,7 +65,7 @@ def add_clip_metrics(cells: Sequence[Cell], extractors: dict | None) -> dict:
                  "hand_fd": frechet_distance(extractors["hand_fd"](hand_view(other["target"], other["hand_keypoints"])), real["hand_fd"])}
     cache: dict[bytes, tuple] = {}  # the base clips are identical in every cell: compute once
     for c in with_clips:
-        if c.params.get("toy") != params.get("toy") or c.params.get("evaluate") != params.get("evaluate"):
+        if _protocol(c.params) != _protocol(params):
             raise ValueError(f"cell {c.name}: toy/evaluate params differ from cell {with_clips[0].name}; one report needs one evaluation protocol")
         c.real = real
         seeds = [int(s) for s in c.clips.get("seeds", sorted({r["seed"] for r in c.rows}))]
@@ -99,3 +99,13 @@ def add_clip_metrics(cells: Sequence[Cell], extractors: dict | None) -> dict:
                 if r["model"] == model and (int(r["seed"]), int(r["pose"])) in probes:
                     r.update(probes[(int(r["seed"]), int(r["pose"]))])
     return {"real_floor": floor}
+
+
+def _protocol(params: dict) -> tuple:
+    """A cell's evaluation protocol: its toy and evaluate params with the defaults filled in (a
+    cell run before a later-added key existed states it implicitly) and the outputs' paths and
+    the execution-only keys (shards, workers) left out."""
+    from ipa_lib.core.config import EvaluateConfig, ToyConfig
+
+    ev = EvaluateConfig(**(params.get("evaluate") or {})).model_dump(exclude={"out", "metrics", "val_metrics", "shards", "workers"})
+    return ToyConfig(**(params.get("toy") or {})).model_dump(), ev

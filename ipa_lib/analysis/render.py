@@ -112,7 +112,7 @@ def describe_setup(cells: Sequence[Cell], clip_info: dict, extractors: dict | No
             for r, cs in by_round.items()),
         f"Toy world {toy.get('frames')} frames x {toy.get('size')} px; every method trains a LoRA (rank {tr.get('lora_rank')}) "
         f"on the same gated samples of the same base for the same {tr.get('steps')} steps (batch {tr.get('batch_size')}, lr {tr.get('lr')}). "
-        "SFT/IPA see the kept samples, KTO kept (desirable) + bottom-half (undesirable), DPO best-vs-worst pairs of one driving pose. "
+        "SFT/IPA see the kept samples, KTO kept (desirable) + bottom-half (undesirable), DPO pairs of one driving pose, a passing sample (score >= gate.threshold) against a failing one at least train.dpo_min_margin apart; KTO's reference point is the KL estimate from mismatched pairs. "
         + (f"Each DPO item is a pair (two clips), so DPO trains on {', '.join(map(str, dpo_batch))} pairs per step: "
            "every method pushes the same number of clips through the policy and the reference per step (equal compute)."
            if dpo_batch else ""),
