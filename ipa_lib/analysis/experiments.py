@@ -462,7 +462,8 @@ def render_sections(cells: Sequence[ExpCell], preds: Sequence[Prediction], image
         lines += _table(cells, labels, metrics) + [""]
     lines += ["Columns: hand_psnr / nonhand_psnr (dB, held-out test poses; _in/_out: poses of / not of the kept colour), gap "
               "(hand PSNR on train poses minus test poses, dB), diversity (mean |clip(seed 0) − clip(seed 1)|, [0, 1]), "
-              "hand_quality (the gate's scorer), and the training diagnostics logged nearest that step.", ""]
+              "hand_quality (the gate's scorer), and the training diagnostics logged nearest that step (each from one logged "
+              "batch of `train.batch_size` rows, so `saturated` moves in steps of 1/8 and is noisy: see the figure).", ""]
     return "\n".join(lines)
 
 
