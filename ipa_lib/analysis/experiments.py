@@ -53,6 +53,7 @@ class ExpCell:
     points: dict[int, dict] = field(default_factory=dict)  # step -> {"rows", "train_rows", "clips"} (0: the base)
     curve: list[dict] = field(default_factory=list)
     gate: dict = field(default_factory=dict)
+    per_pose_cache: dict[int, dict] = field(default_factory=dict, repr=False)  # step -> `per_pose`, computed once
 
     @property
     def loss(self) -> str:  # sft, sft_t2, ipa-b600, ...
@@ -112,7 +113,14 @@ def _truth(params: dict) -> dict:
 
 def per_pose(cell: ExpCell, step: int) -> dict[str, np.ndarray]:
     """Per test pose (evaluation seeds averaged): hand_psnr, hand_quality, nonhand_psnr (+ _in/_out
-    masks of the kept colour when the gated set was biased) and diversity."""
+    masks of the kept colour when the gated set was biased) and diversity. Computed once per
+    cell and step (tables, figures and every comparison read it)."""
+    if step not in cell.per_pose_cache:
+        cell.per_pose_cache[step] = _per_pose(cell, step)
+    return cell.per_pose_cache[step]
+
+
+def _per_pose(cell: ExpCell, step: int) -> dict[str, np.ndarray]:
     from ipa_lib.core.image_metrics import psnr
 
     point, truth = cell.points[step], _truth(cell.params)
@@ -317,6 +325,18 @@ def _mean_points(cells: Sequence[ExpCell], label: str, metric: str) -> tuple[lis
     return steps, means, los, his
 
 
+def _save(fig, path: Path, title: str | None = None) -> Path:
+    """Title (when given), lay out, write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_experiments(cells: Sequence[ExpCell], out_dir: str | Path) -> dict[str, Path]:
     """exp_budget.png (hand PSNR and the gap along the budget), exp_biased.png (non-hand PSNR in /
     out of the kept colour), exp_optimizer.png (adapter norm and saturation per step)."""
@@ -346,11 +366,7 @@ def plot_experiments(cells: Sequence[ExpCell], out_dir: str | Path) -> dict[str,
                 ax.grid(alpha=0.3)
                 if r == 0:
                     ax.legend(fontsize=8)
-        fig.suptitle("Step budget x gated-set size (mean over training seeds, bars: min-max)")
-        fig.tight_layout()
-        paths["budget"] = out_dir / "exp_budget.png"
-        fig.savefig(paths["budget"], dpi=110)
-        plt.close(fig)
+        paths["budget"] = _save(fig, out_dir / "exp_budget.png", "Step budget x gated-set size (mean over training seeds, bars: min-max)")
     red = [lab for lab in labels if lab.startswith("red-")]
     if red:
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -372,10 +388,7 @@ def plot_experiments(cells: Sequence[ExpCell], out_dir: str | Path) -> dict[str,
         ax.set_ylabel("non-hand PSNR (dB), held-out poses")
         ax.set_title("Biased gated set: one shirt colour kept")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths["biased"] = out_dir / "exp_biased.png"
-        fig.savefig(paths["biased"], dpi=110)
-        plt.close(fig)
+        paths["biased"] = _save(fig, out_dir / "exp_biased.png")
     opt = [c for c in cells if "optimizer" in c.grids and c.seed == 0]
     if opt:
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
@@ -392,11 +405,7 @@ def plot_experiments(cells: Sequence[ExpCell], out_dir: str | Path) -> dict[str,
                 ax.grid(alpha=0.3)
                 if key == "adapter_norm":
                     ax.legend(fontsize=8)
-        fig.suptitle("β saturation x optimizer (training seed 0)")
-        fig.tight_layout()
-        paths["optimizer"] = out_dir / "exp_optimizer.png"
-        fig.savefig(paths["optimizer"], dpi=110)
-        plt.close(fig)
+        paths["optimizer"] = _save(fig, out_dir / "exp_optimizer.png", "β saturation x optimizer (training seed 0)")
     return paths
 
 
