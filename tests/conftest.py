@@ -4,6 +4,7 @@ shared fixtures: params files, free ports, a scratch git+DVC repo."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -106,6 +107,17 @@ def adapter_state(path: Path) -> dict:
 
 
 # ---- shared helpers: params files, free ports, a scratch git+DVC repo -----------------------
+
+def copy_shard(src: Path, dst: Path, json_name: str, edit=None) -> Path:
+    """A copy of shard folder `src` at `dst`, with `edit` applied to its JSON file `json_name`
+    (for the merge-refusal tests of sampled and evaluation shards)."""
+    shutil.copytree(src, dst)
+    if edit:
+        data = json.loads((dst / json_name).read_text())
+        edit(data)
+        (dst / json_name).write_text(json.dumps(data))
+    return dst
+
 
 def write_params(path: Path, overrides: list[str] | tuple[str, ...] = (), params=None) -> Path:
     """Write a params file: `params` (a Params) or else this checkout's params.yaml, with

@@ -11,12 +11,11 @@ merge-evaluations) gives the evaluate task's metrics.
 # no `from __future__ import annotations`: KFP reads the test pipeline's real annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_params
+from conftest import copy_shard, tiny_params
 
 FILES = ("per_clip.json", "per_clip_val.json", "details.json")
 
@@ -93,12 +92,7 @@ def test_dvc_worker_pool_writes_the_same_files(trained, tmp_path):
 
 
 def _copy(src: Path, dst: Path, edit_rows=None) -> Path:
-    shutil.copytree(src, dst)
-    if edit_rows:
-        rows = json.loads((dst / "rows.json").read_text())
-        edit_rows(rows)
-        (dst / "rows.json").write_text(json.dumps(rows))
-    return dst
+    return copy_shard(src, dst, "rows.json", edit_rows)
 
 
 def test_merge_refuses_a_bad_union(trained, shard_dirs, tmp_path):

@@ -12,14 +12,13 @@ inside a ParallelFor over the shards, on the GPU pool.
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, sh
+from conftest import REPO, copy_shard, sh
 from hands_fixtures import CASE_DATA, pan_256
 
 pytestmark = pytest.mark.slow
@@ -152,12 +151,7 @@ def test_dvc_path_with_a_worker_pool_writes_the_same_store(world, fanned_out, tm
 
 
 def _copy(src: Path, dst: Path, edit=None) -> Path:
-    shutil.copytree(src, dst)
-    if edit:
-        info = json.loads((dst / "shard.json").read_text())
-        edit(info)
-        (dst / "shard.json").write_text(json.dumps(info))
-    return dst
+    return copy_shard(src, dst, "shard.json", edit)
 
 
 def test_merge_refuses_a_bad_union(world, fanned_out, tmp_path):
