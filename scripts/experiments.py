@@ -20,8 +20,10 @@ Grids (each fits 90 min on 2 CPU cores, see `budget` below and docs/results.md f
 - biased: a gated set of one shirt colour (`gate.subset=shirt-red`), SFT vs IPA beta=600,
   training seeds {0, 1}, 200 steps, evaluated on the usual held-out poses (every colour).
 
-Collected cells land in `.ipa/experiments/<cell>/` (git-ignored): cell.json (grid, label,
-overrides, seconds), params.yaml, evaluate's per_clip*.json / details.json / clips.npz, the
+Collected cells land in `results/experiments/<cell>/` (committed, so a later checkout can add
+cells and rebuild the report): cell.json (grid, label, overrides, seconds), params.yaml,
+evaluate's per_clip*.json / details.json / clips.npz (base clips kept once under
+`results/experiments/shared-clips/`), the
 step-100 adapter's evaluation (along/step-100/), the train metrics and curve (diagnostics per
 step) and the gate summary. `ipa report` renders them; the numbers it used go to
 docs/results/experiments.json (committed).
@@ -154,6 +156,8 @@ def collect(cells: list[Cell], root: Path, repo: Path, env: dict) -> list[str]:
     """Copy each finished cell's files from its experiment revision; returns the missing cells."""
     import dvc.api
 
+    from ipa_lib.core.io import share_arrays
+
     exps = grid.existing_experiments(repo, env, PREFIX)
     missing = []
     for cell in cells:
@@ -178,6 +182,7 @@ def collect(cells: list[Cell], root: Path, repo: Path, env: dict) -> list[str]:
                   "overrides": cell.args([]), "rev": e["rev"], "timestamp": e["timestamp"],
                   "seconds": {"train": train.get("seconds")}}
         (folder / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+        share_arrays(folder / "clips.npz", root / grid.SHARED_CLIPS, ("base",))  # the base clips: once per protocol
         print(f"collected {cell.name} -> {folder}", flush=True)
     return missing
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every cell")
     p.add_argument("--jobs", type=int, default=2, help="queue workers (cores split between them)")
     p.add_argument("--repo", default=str(REPO))
-    p.add_argument("--cells", default=str(REPO / ".ipa" / "experiments"), help="where collected cells go")
+    p.add_argument("--cells", default=str(REPO / "results" / "experiments"), help="where collected cells go (default results/experiments, committed)")
     args = p.parse_args(argv)
 
     cells = plan(args.grids)

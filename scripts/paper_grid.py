@@ -21,11 +21,13 @@ Runners:
   which also times each cell exactly.
 - inline: no DVC; the library functions in this process (the test suite's reduced grid).
 
-Collected cells land in `.ipa/paper/round-<r>/<name>/` (git-ignored): cell.json, params.yaml,
-evaluate's per_clip.json/details.json/clips.npz, train.json and the adapter (round 2 samples
-from it). MLflow: every stage of every cell is logged to the main store (the queue's
-temporary copies get `MLFLOW_TRACKING_URI` pointing at `<repo>/.ipa/mlflow.db`) in the
-experiment `ipa-align-paper`.
+Collected cells land in `results/paper/round-<r>/<name>/` (committed, so the report can be
+rebuilt and extended in a later checkout): cell.json, params.yaml, evaluate's
+per_clip.json/details.json/clips.npz (the base clips, identical in every cell, kept once under
+`results/paper/shared-clips/`), train.json, and the adapter (git-ignored: about 1 MB per cell;
+round 2 samples from it, so round 2 runs in the checkout that collected round 1). MLflow: every
+stage of every cell is logged to the main store (the queue's temporary copies get
+`MLFLOW_TRACKING_URI` pointing at `<repo>/.ipa/mlflow.db`) in the experiment `ipa-align-paper`.
 
 Round 2 (`--round 2`): each (method, beta, seed) samples again from its own round-1 adapter
 (`-S backend.init_adapter=...`), is gated, and trains a fresh adapter on the new samples.
@@ -82,6 +84,8 @@ CELL_FILES = {  # what a cell keeps: <experiment path> -> <cell file>
     "params.yaml": "params.yaml",
 }
 ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "train_summary.json", "adapter_config.json")
+CELLS = REPO / "results" / "paper"  # committed: `ipa report` rebuilds docs/results.md from them in any later checkout
+SHARED_CLIPS = "shared-clips"  # <cells>/shared-clips/<sha>.npz: arrays many cells share (`ipa_lib.core.io.share_arrays`)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,10 @@ def write_cell(root: Path, spec: CellSpec, files: dict[str, bytes], seconds: dic
         record["train_final"] = {k[len("final_"):]: v for k, v in train.items() if k.startswith("final_")}
         seconds.setdefault("train", train.get("seconds"))
     (folder / "cell.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if (folder / "clips.npz").exists():  # the base clips are the same in every cell: kept once (committed cells stay small)
+        from ipa_lib.core.io import share_arrays
+
+        share_arrays(folder / "clips.npz", root / SHARED_CLIPS, ("base",))
     return folder
 
 
@@ -395,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every cell (wins over the budget)")
     p.add_argument("--params", default=str(REPO / "params.yaml"), help="params file (inline runner)")
     p.add_argument("--repo", default=str(REPO), help="the DVC repository the experiments run in")
-    p.add_argument("--cells", default=str(REPO / ".ipa" / "paper"), help="where collected cells go")
+    p.add_argument("--cells", default=str(CELLS), help="where collected cells go (default results/paper, committed; adapters git-ignored)")
     p.add_argument("--work", default=str(REPO / ".ipa" / "paper-work"), help="scratch folder (inline runner)")
     args = p.parse_args(argv)
 

@@ -32,7 +32,7 @@ def cells_root(tmp_path_factory, tiny_base):
     """Eight tiny cells (train 6 steps, adapter kept at step 2, evaluated along, 2 evaluation seeds)."""
     from conftest import tiny_params
 
-    from ipa_lib.core.io import load_npz
+    from ipa_lib.core.io import load_npz, share_arrays
     from ipa_lib.data.toyworld import shirt_colour
     from ipa_lib.stages.evaluate import evaluate
     from ipa_lib.stages.gate import gate
@@ -67,6 +67,7 @@ def cells_root(tmp_path_factory, tiny_base):
             shutil.copy(gated / "summary.json", cell / "gate_summary.json")
             (cell / "params.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json")))
             (cell / "cell.json").write_text(json.dumps({"name": cell.name, "grids": GRIDS[label.split("-")[0]], "label": label, "seed": seed}))
+            share_arrays(cell / "clips.npz", root / "shared-clips", ("base",))  # as scripts/experiments.py collects
     return root
 
 

@@ -60,6 +60,31 @@ def write_fake_cell(root: Path, method: str, beta: float | None, seed: int, effe
 
 # ---- intervals and verdicts ----------------------------------------------------------------------
 
+def test_shared_arrays_are_kept_once_and_put_back(tmp_path):
+    from ipa_lib.core.io import load_npz, load_shared_npz, save_npz, share_arrays
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (2, 3, 5, 8, 8, 3), dtype=np.uint8)
+    files = []
+    for i in range(3):
+        f = save_npz(tmp_path / f"cell-{i}" / "clips.npz", base=base, ipa=base + i, seeds=np.array([0, 1]))
+        moved = share_arrays(f, tmp_path / "shared", ("base", "absent"))
+        assert list(moved) == ["base"] and "base" not in load_npz(f)
+        files.append(f)
+    assert len(list((tmp_path / "shared").glob("*.npz"))) == 1  # one copy for three cells
+    for i, f in enumerate(files):
+        got = load_shared_npz(f)
+        assert sorted(got) == ["base", "ipa", "seeds"]
+        np.testing.assert_array_equal(got["base"], base)
+        np.testing.assert_array_equal(got["ipa"], base + i)
+    (tmp_path / "cell-0").rename(tmp_path / "moved")  # the pointer is relative: a copied folder tree still loads
+    np.testing.assert_array_equal(load_shared_npz(tmp_path / "moved" / "clips.npz")["base"], base)
+    for f in (tmp_path / "shared").glob("*.npz"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match=r"clips.npz: its 'base' array lives in .*shared.*, which is missing"):
+        load_shared_npz(files[1])
+
+
 def test_t_interval_by_hand():
     s = t_interval([1.0, 2.0, 3.0], 0.95)
     # mean 2, sd 1, t(0.975, 2) = 4.302652729911275
@@ -359,6 +384,9 @@ def test_reduced_grid_report_from_its_own_numbers(tiny_base, tmp_path):
     # the table's IPA and SFT rows are the means of the per-clip rows the cells wrote
     for spec in specs:  # evaluate stores its clips: the set-level columns (FD) have numbers
         assert (cells_root / "round-1" / spec.name / "clips.npz").stat().st_size > 0
+    # the two cells' base clips (the same model, poses and seeds) are kept once
+    assert len(list((cells_root / paper_grid.SHARED_CLIPS).glob("*.npz"))) == 1
+    assert {c.name: c.clips["base"].shape for c in load_cells(cells_root)}.keys() == {s.name for s in specs}
     for spec, title in zip(specs, ("IPA hand (λ=10)", "SFT on gated")):
         rows = json.loads((cells_root / "round-1" / spec.name / "per_clip.json").read_text())
         vals = _row_values(text, title)

@@ -6,7 +6,9 @@ A cell is one DVC experiment of the grid (`scripts/paper_grid.py`), collected in
                             params.yaml    the experiment's exact params
                             per_clip.json  evaluate's per-clip rows (model base | ipa, eval seed, pose, metrics)
                             details.json   evaluate's details (method, beta, eval seeds, ...)
-                            clips.npz      optional: evaluate's generated clips, base / ipa (S, N, F, H, W, 3)
+                            clips.npz      optional: evaluate's generated clips, base / ipa (S, N, F, H, W, 3);
+                                           the base clips, the same in every cell, may be kept once
+                                           under <cells>/shared-clips/ (`ipa_lib.core.io.share_arrays`)
 
 Which metrics a cell has, and how each is formed, comes from the registry
 (`ipa_lib.core.metrics`, `Metric.kind`): "clip" metrics are per-clip rows, "set" metrics
@@ -76,7 +78,7 @@ def _beta_of(loss: str, beta: float) -> float | None:
 def load_cell(folder: str | Path, with_clips: bool = True) -> Cell:
     import yaml
 
-    from ipa_lib.core.io import load_npz, read_json
+    from ipa_lib.core.io import load_shared_npz, read_json
 
     folder = Path(folder)
     meta = read_json(folder / "cell.json", "grid cell record")
@@ -88,7 +90,7 @@ def load_cell(folder: str | Path, with_clips: bool = True) -> Cell:
         meta = {**meta, "val": (read_json(folder / "details.json", "evaluation details") or {}).get("val")}
     clips = None
     if with_clips and (folder / "clips.npz").exists():
-        clips = load_npz(folder / "clips.npz")
+        clips = load_shared_npz(folder / "clips.npz")  # base clips may live once per round (`share_arrays`)
     return Cell(name=meta["name"], round=int(meta.get("round", 1)), loss=meta["loss"],
                 beta=_beta_of(meta["loss"], meta["beta"]), hand_weight=float(meta["hand_weight"]),
                 seed=int(meta["seed"]), rows=rows, meta=meta, params=params, clips=clips)

@@ -42,7 +42,7 @@ DIAGNOSTICS = ("saturated", "logits_p50", "rel_gain", "adapter_norm", "grad_norm
 
 @dataclass
 class ExpCell:
-    """One collected experiment cell (`.ipa/experiments/<name>/`)."""
+    """One collected experiment cell (`results/experiments/<name>/`)."""
 
     name: str
     grids: list[str]
@@ -72,6 +72,8 @@ def load_exp_cells(root: str | Path) -> list[ExpCell]:
     """Every cell folder under `root` with a cell.json (none: an empty list)."""
     import yaml
 
+    from ipa_lib.core.io import load_shared_npz
+
     cells = []
     for folder in sorted(Path(root).glob("*/cell.json")):
         folder = folder.parent
@@ -80,7 +82,7 @@ def load_exp_cells(root: str | Path) -> list[ExpCell]:
         steps = int(params["train"]["steps"])
         rows = _json(folder / "per_clip.json")
         train_rows = _json(folder / "per_clip_train.json") or []
-        clips = np.load(folder / "clips.npz")
+        clips = load_shared_npz(folder / "clips.npz")  # base clips may live in <root>/shared-clips/
         cell = ExpCell(meta["name"], meta["grids"], meta["label"], int(meta["seed"]), params, steps,
                        curve=_json(folder / "train_curve.json") or [], gate=_json(folder / "gate_summary.json") or {})
         for model, step in (("base", 0), ("ipa", steps)):
@@ -89,7 +91,7 @@ def load_exp_cells(root: str | Path) -> list[ExpCell]:
         for along in sorted((folder / "along").glob("step-*")):
             step = int(along.name.split("-")[1])
             cell.points[step] = {"rows": _json(along / "per_clip.json"), "train_rows": _json(along / "per_clip_train.json") or [],
-                                 "clips": np.load(along / "clips.npz")["ipa"]}
+                                 "clips": load_shared_npz(along / "clips.npz")["ipa"]}
         cells.append(cell)
     return cells
 

@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `ipa report` arguments (`ipa report` runs `main`; tests parse with this and call `report_main`)."""
-    p.add_argument("--cells", default=".ipa/paper", help="folder of collected grid cells (scripts/paper_grid.py)")
+    p.add_argument("--cells", default="results/paper", help="folder of collected grid cells (scripts/paper_grid.py; committed)")
     p.add_argument("--out", default="docs/results.md", help="markdown report to write")
     p.add_argument("--images", default=None, help="folder for the PNGs (default: <out without .md>, i.e. docs/results)")
     p.add_argument("--features", default="models/features", help="feature extractors for FD (trained there if missing)")
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--primary", default="hand_psnr",
                    help="metric the claims are judged on (default hand_psnr: ground truth the gate never saw; hand_quality is the gate's own scorer)")
-    p.add_argument("--experiments", default=".ipa/experiments",
+    p.add_argument("--experiments", default="results/experiments",
                    help="collected experiment cells (scripts/experiments.py) to append with their verdicts (skipped when absent)")
     p.add_argument("--command", default="make paper-table", help="the regenerate command named in the report")
     p.add_argument("--quiet", action="store_true", help="print nothing (no claims, no 'wrote ...' line)")

@@ -69,6 +69,49 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: corrupt or truncated shard: {err}") from None
 
 
+SHARED_PREFIX = "__shared__"  # npz key of an array kept once in a shared store: its file, relative to the npz's folder
+
+
+def share_arrays(path: str | Path, store: str | Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """Move the arrays `keys` of the npz `path` into content-addressed files under `store`
+    (`<sha256 of dtype, shape and bytes, 16 hex>.npz`, written once however many files hold the
+    same array) and leave in `path` a pointer `__shared__<key>` (the store file, relative to
+    `path`'s folder). `load_shared_npz` puts them back. Returns {key: store file} of the moved
+    arrays; keys the file lacks are left alone. Rewrites are atomic (`save_npz`)."""
+    import hashlib
+
+    path, store = Path(path), Path(store)
+    arrays = load_npz(path)
+    moved: dict[str, str] = {}
+    for key in keys:
+        if key not in arrays:
+            continue
+        a = np.ascontiguousarray(arrays.pop(key))
+        digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()[:16]
+        target = store / f"{digest}.npz"
+        if not target.exists():
+            save_npz(target, array=a)
+        rel = os.path.relpath(target.resolve(), path.parent.resolve())
+        arrays[SHARED_PREFIX + key] = np.array(rel)
+        moved[key] = rel
+    if moved:
+        save_npz(path, **arrays)
+    return moved
+
+
+def load_shared_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """`load_npz` with the arrays `share_arrays` moved out put back (a missing store file is
+    named in the error)."""
+    path = Path(path)
+    arrays = load_npz(path)
+    for key in [k for k in arrays if k.startswith(SHARED_PREFIX)]:
+        target = path.parent / str(arrays.pop(key))
+        if not target.exists():
+            raise FileNotFoundError(f"{path}: its {key[len(SHARED_PREFIX):]!r} array lives in {target}, which is missing")
+        arrays[key[len(SHARED_PREFIX):]] = load_npz(target)["array"]
+    return arrays
+
+
 def read_json(path: str | Path, what: str = "file") -> dict:
     path = Path(path)
     if not path.exists():
