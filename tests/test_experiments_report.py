@@ -24,7 +24,7 @@ LABELS = {  # label -> (overrides, seeds)
     "red-sft": ({"loss": "sft"}, (0,)),
     "red-ipa-b600": ({"loss": "ipa", "beta": 600.0}, (0,)),
 }
-GRIDS = {"k96": ["budget", "optimizer"], "sgd": ["optimizer"], "red": ["biased"]}
+GRIDS = {"k96": ["budget"], "sgd": ["optimizer"], "red": ["biased"]}
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ class ExpCell:
 
     name: str
     grids: list[str]
-    label: str  # k96-sft, sgd-ipa-b600, red-sft, ...
+    label: str  # k96-sft, adamw-ipa-b600, sgd-ipa-b600, red-sft, ...
     seed: int
     params: dict
     steps: int
@@ -60,7 +60,7 @@ class ExpCell:
         return self.label.split("-", 1)[1]
 
     @property
-    def group(self) -> str:  # k96, k24, sgd, red
+    def group(self) -> str:  # k96, k24, adamw, sgd, red
         return self.label.split("-", 1)[0]
 
 
@@ -306,7 +306,7 @@ def predictions(cells: Sequence[ExpCell], level: float = 0.95, n_boot: int = 100
         add("biased", "Biased gated set: IPA beats SFT on held-out hand PSNR (all identities)",
             ("red-ipa-b600", end), ("red-sft", end), "hand_psnr")
     by_label = {c.label: c for c in cells if c.seed == 0}
-    for opt, prefix in (("SGD", "sgd"), ("AdamW", "k96")):
+    for opt, prefix in (("SGD", "sgd"), ("AdamW", "adamw")):
         if f"{prefix}-ipa-b60000" in by_label or f"{prefix}-sft" in by_label:
             v, ev = _growth_verdict(by_label.get(f"{prefix}-ipa-b60000"), by_label.get(f"{prefix}-sft"))
             out.append(Prediction("optimizer", f"{opt}: IPA at a saturating β (60000) stops growing where SFT does not", v, ev))
@@ -394,7 +394,7 @@ def plot_experiments(cells: Sequence[ExpCell], out_dir: str | Path) -> dict[str,
     opt = [c for c in cells if "optimizer" in c.grids and c.seed == 0]
     if opt:
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
-        for j, (name, prefix) in enumerate((("AdamW (lr 5e-4)", "k96"), ("SGD (momentum 0.9)", "sgd"))):
+        for j, (name, prefix) in enumerate((("AdamW (lr 5e-4)", "adamw"), ("SGD (momentum 0.9)", "sgd"))):
             for r, key in enumerate(("adapter_norm", "saturated")):
                 ax = axes[r][j]
                 for c in sorted((c for c in opt if c.group == prefix), key=lambda c: c.label):
@@ -433,6 +433,17 @@ def _table(cells: Sequence[ExpCell], labels: Sequence[str], metrics: Sequence[st
     return lines
 
 
+def _steps_by_grid(cells: Sequence[ExpCell]) -> str:
+    """'200' when every cell trained as long, else '200 (budget, biased) / 300 (optimizer)'."""
+    by: dict[int, list[str]] = {}
+    for g in dict.fromkeys(g for c in cells for g in c.grids):
+        for n in sorted({c.steps for c in cells if g in c.grids}):
+            by.setdefault(n, []).append(g)
+    if len(by) == 1:
+        return str(next(iter(by)))
+    return " / ".join(f"{n} ({', '.join(gs)})" for n, gs in sorted(by.items()))
+
+
 def render_sections(cells: Sequence[ExpCell], preds: Sequence[Prediction], images: dict[str, str], runs: Sequence[dict] = ()) -> str:
     """The experiment sections of docs/results.md."""
     if not cells:
@@ -441,7 +452,7 @@ def render_sections(cells: Sequence[ExpCell], preds: Sequence[Prediction], image
     ev, tr = p0["evaluate"], p0["train"]
     lines = ["## Experiments: does IPA differ from SFT?", "",
              f"DVC experiment grids (`python scripts/experiments.py run`, then `ipa report`), {len(cells)} cells collected. "
-             f"Every cell trains a LoRA (rank {tr['lora_rank']}) from the same base for {tr['steps']} steps at batch "
+             f"Every cell trains a LoRA (rank {tr['lora_rank']}) from the same base for {_steps_by_grid(cells)} steps at batch "
              f"{tr['batch_size']} and keeps the adapter at step {', '.join(map(str, tr['save_at']))}; evaluation: "
              f"{ev['num_poses']} held-out test poses x evaluation seeds {ev['seeds']}, {ev['num_inference_steps']} Euler steps, "
              f"and {ev['train_poses']} of the gated set's own poses for the train / held-out gap. The verdicts use the "
