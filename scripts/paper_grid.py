@@ -65,9 +65,11 @@ BUDGET = {
     "train.steps": 100,
     "train.batch_size": 8,
     "train.checkpoint_every": 1000,  # no intermediate checkpoints: a cell is cheap to redo
-    # NaN/inf still stop a cell; a one-batch loss outlier (DPO's -log sigmoid at a small batch of
-    # pairs reaches 50x its median) is the method's behaviour to measure, not a crash
-    "train.spike_factor": 1000,
+    # only NaN/inf stop a cell: a one-batch loss outlier is the method's behaviour to measure, not a
+    # crash (saturated DPO sits at a median loss of 1e-6 and swings back to 1.2-3.7 at step 78: any
+    # finite factor stops it; 1000 stopped 5 of the 9 DPO cells). The rule only stops training, so
+    # a cell that never trips it trains identically under any factor.
+    "train.spike_factor": 1e30,
     "train.log_every": 10,
     "evaluate.num_poses": 24,
     "evaluate.val_poses": 24,
