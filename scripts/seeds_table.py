@@ -6,6 +6,10 @@ the held-out evaluation poses and seeds stay fixed, so rounds are comparable. Se
 the committed default and runs last, which leaves the workspace on the default round
 (DVC's run cache restores it without recomputing when nothing changed).
 
+Do not commit while it runs: after each workspace experiment DVC restores HEAD to the commit
+the experiment started from, so a commit made meanwhile drops off the branch (it stays in
+`git reflog`).
+
     python scripts/seeds_table.py --seeds 0 1 2 --out docs/seeds.md
 """
 
@@ -72,6 +76,18 @@ def table(results: dict[int, dict], protocols: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_params_text(text: str):
+    """`load_params` of a params file's text (through a temp file)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        return load_params(f.name)
+    finally:
+        Path(f.name).unlink()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -81,9 +97,14 @@ def main() -> int:
     details_path = Path(load_params(args.params).evaluate.out) / "details.json"
     order = sorted(args.seeds, key=lambda s: (s == 0, s))  # default round last
     results, protocols, seconds = {}, {}, {}
+    params_text = Path(args.params).read_text()
     for s in order:
         results[s], protocols[s], seconds[s] = run_round(s, details_path)
         print(json.dumps({"seed": s, "seconds": round(seconds[s]), "evaluation": protocols[s], **results[s]}), flush=True)
+    # `dvc exp run -S` rewrites params.yaml (flow lists expanded, nulls blanked); the last round is the
+    # default one, so when the values are the file's own, give the file back its formatting and comments
+    if load_params(args.params).model_dump() == load_params_text(params_text).model_dump():
+        Path(args.params).write_text(params_text)
     text = table(results, protocols)
     text += "\nWall time per round (s, this machine): " + ", ".join(f"seed {s}: {seconds[s]:.0f}" for s in sorted(seconds)) + "\n"
     text += "\nReproduce: `make seeds` (runs `python scripts/seeds_table.py --seeds " + " ".join(map(str, args.seeds)) + "`).\n"
