@@ -26,6 +26,7 @@ import numpy as np
 
 from ipa_lib.analysis.render import table_digits
 from ipa_lib.core.config import load_params
+from ipa_lib.core.io import atomic_write_text
 from ipa_lib.core.errors import InputError, exit_code
 from ipa_lib.core.metrics import EVAL_METRICS, get
 
@@ -76,35 +77,24 @@ def table(results: dict[int, dict], protocols: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_params_text(text: str):
-    """`load_params` of a params file's text (through a temp file)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(text)
-    try:
-        return load_params(f.name)
-    finally:
-        Path(f.name).unlink()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="docs/seeds.md")
     parser.add_argument("--params", default="params.yaml", help="where evaluate writes details.json (evaluate.out)")
     args = parser.parse_args()
-    details_path = Path(load_params(args.params).evaluate.out) / "details.json"
+    params_text = Path(args.params).read_text()
+    params = load_params(args.params)
+    details_path = Path(params.evaluate.out) / "details.json"
     order = sorted(args.seeds, key=lambda s: (s == 0, s))  # default round last
     results, protocols, seconds = {}, {}, {}
-    params_text = Path(args.params).read_text()
     for s in order:
         results[s], protocols[s], seconds[s] = run_round(s, details_path)
         print(json.dumps({"seed": s, "seconds": round(seconds[s]), "evaluation": protocols[s], **results[s]}), flush=True)
     # `dvc exp run -S` rewrites params.yaml (flow lists expanded, nulls blanked); the last round is the
     # default one, so when the values are the file's own, give the file back its formatting and comments
-    if load_params(args.params).model_dump() == load_params_text(params_text).model_dump():
-        Path(args.params).write_text(params_text)
+    if load_params(args.params).model_dump() == params.model_dump():
+        atomic_write_text(args.params, params_text)
     text = table(results, protocols)
     text += "\nWall time per round (s, this machine): " + ", ".join(f"seed {s}: {seconds[s]:.0f}" for s in sorted(seconds)) + "\n"
     text += "\nReproduce: `make seeds` (runs `python scripts/seeds_table.py --seeds " + " ".join(map(str, args.seeds)) + "`).\n"
