@@ -146,14 +146,6 @@ def queue(cells: list[Cell], extra: list[str], repo: Path, env: dict) -> None:
         grid._sh(exp_cmd(cell, extra), repo, env)
 
 
-def wait(names: list[str], repo: Path, env: dict) -> None:
-    while True:
-        time.sleep(20)
-        status = grid._sh(["dvc", "queue", "status"], repo, env, capture=True, check=False).stdout
-        if not [ln for ln in status.splitlines() if any(f" {n} " in f" {ln} " for n in names) and ("Queued" in ln or "Running" in ln)]:
-            return
-
-
 def collect(cells: list[Cell], root: Path, repo: Path, env: dict) -> list[str]:
     """Copy each finished cell's files from its experiment revision; returns the missing cells."""
     import dvc.api
@@ -215,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         queue(cells, args.set, repo, env)
     if args.action == "run":
         started = time.time()
-        grid._sh(["dvc", "queue", "start", "-j", str(args.jobs)], repo, env)
-        wait([c.name for c in cells], repo, env)
+        grid.wait_queue([c.name for c in cells], repo, env, args.jobs)
         minutes = round((time.time() - started) / 60, 1)
         root.mkdir(parents=True, exist_ok=True)
         (root / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(

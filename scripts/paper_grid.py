@@ -248,6 +248,37 @@ def existing_experiments(repo: Path, env: dict, prefix: str = PREFIX) -> dict[st
     return out
 
 
+def queue_state(status: str, names: list[str]) -> tuple[int, int, int]:
+    """(queued, running, workers) of `dvc queue status` output, counting only the tasks named `names`."""
+    import re
+
+    tasks = [line.split() for line in status.splitlines()]
+    mine = [t for t in tasks if len(t) >= 2 and t[1] in names]
+    queued = sum("Queued" in t for t in mine)
+    running = sum("Running" in t for t in mine)
+    m = re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", status)
+    return queued, running, (int(m.group(1)) + int(m.group(2))) if m else 0
+
+
+def wait_queue(names: list[str], repo: Path, env: dict, jobs: int, poll: float = 15.0) -> None:
+    """`dvc queue start -j jobs`, then wait until none of `names` is queued or running.
+
+    A DVC queue worker can exit while tasks are still queued (seen here: two tasks running
+    under "1 active" worker, and after one finished the queued ones waited for the other); so
+    whenever tasks wait while fewer than `jobs` run and fewer than `jobs` workers are alive, the
+    queue is started again, which only tops it up to `jobs` workers."""
+    _sh(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
+    while True:
+        time.sleep(poll)
+        status = _sh(["dvc", "queue", "status"], repo, env, capture=True, check=False).stdout
+        queued, running, workers = queue_state(status, names)
+        if not queued and not running:
+            return
+        if queued and running < jobs and workers < jobs:
+            print(f"{queued} cells queued with {workers} of {jobs} workers: starting the queue again", flush=True)
+            _sh(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
+
+
 def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: Path, repo: Path = REPO, jobs: int = 1) -> dict:
     """Run the cells as DVC experiments and collect them; returns timings and failed cells."""
     env = _env(repo, jobs)
@@ -271,13 +302,7 @@ def run_dvc(specs: list[CellSpec], common: list[str], runner: str, cells_root: P
     for spec in specs:
         _sh(exp_cmd(spec, common, "queue"), repo, env)
     t0 = time.time()
-    _sh(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
-    while True:
-        time.sleep(15)
-        status = _sh(["dvc", "queue", "status"], repo, env, capture=True, check=False).stdout
-        pending = [line for line in status.splitlines() if any(n in line for n in names) and ("Queued" in line or "Running" in line)]
-        if not pending:
-            break
+    wait_queue(names, repo, env, jobs)
     timing["queue_minutes"] = round((time.time() - t0) / 60, 1)
     print(f"queue done in {timing['queue_minutes']:.1f} min", flush=True)
     # failed = no successful experiment of that name since this queue started (`dvc queue status`

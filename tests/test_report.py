@@ -451,3 +451,23 @@ def test_grid_cells_run_as_dvc_experiments(scratch_dvc_repo, tmp_path, monkeypat
         ["--cells", str(cells), "--out", str(out), "--no-fd", "--params", str(REPO / "params.yaml"), "--bootstrap", "50", "--quiet"])
     assert report_main(args) == 0
     assert "| IPA hand (λ=10) | 200 | 10 | 1 |" in out.read_text()
+
+
+# `dvc queue status` as DVC 3 printed it here while the experiment grid ran (two tasks running
+# under one live worker, others waiting, older tasks of the same prefix done)
+QUEUE_STATUS = """Task     Name                    Created    Status
+a1d5312  exp-sgd-ipa-b6000-s0    01:16 PM   Running
+ae478d2  exp-sgd-ipa-b60000-s0   01:16 PM   Queued
+fbe05f0  exp-k24-sft_t2-s0       01:15 PM   Success
+8c2c421  exp-sgd-ipa-b600-s0     01:16 PM   Failed
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_queue_state_counts_only_the_named_cells_by_their_exact_name():
+    names = ["exp-sgd-ipa-b6000-s0", "exp-sgd-ipa-b60000-s0", "exp-k24-sft_t2-s0"]
+    assert paper_grid.queue_state(QUEUE_STATUS, names) == (1, 1, 1)
+    # exact names: exp-sgd-ipa-b600-s0 is not a prefix match of the b6000 / b60000 rows
+    assert paper_grid.queue_state(QUEUE_STATUS, ["exp-sgd-ipa-b600-s0"]) == (0, 0, 1)
+    assert paper_grid.queue_state("No experiment tasks in the queue.\n", names) == (0, 0, 0)
