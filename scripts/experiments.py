@@ -146,18 +146,24 @@ def queue(cells: list[Cell], extra: list[str], repo: Path, env: dict) -> None:
         grid._sh(exp_cmd(cell, extra), repo, env)
 
 
+def not_run(names: list[str], exps: dict, root: Path) -> list[str]:
+    """The cells with neither a finished experiment in this repo nor a collected folder under
+    `root`. A cell collected by an earlier checkout (its experiment gone with that checkout's DVC
+    refs) is kept as it is and counts as run."""
+    return [n for n in names if n not in exps and not (root / n / "cell.json").exists()]
+
+
 def collect(cells: list[Cell], root: Path, repo: Path, env: dict) -> list[str]:
-    """Copy each finished cell's files from its experiment revision; returns the missing cells."""
+    """Copy each finished cell's files from its experiment revision; returns the cells not run (`not_run`)."""
     import dvc.api
 
     from ipa_lib.core.io import share_arrays
 
     exps = grid.existing_experiments(repo, env, PREFIX)
-    missing = []
+    missing = not_run([c.name for c in cells], exps, root)
     for cell in cells:
         e = exps.get(cell.name)
         if e is None:
-            missing.append(cell.name)
             continue
         folder = root / cell.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"grids": args.grids, "cells": len(done), "not_run": missing, "first_finished": stamps[0], "last_finished": stamps[-1],
                  "train_minutes_total": round(sum(d["seconds"].get("train") or 0 for d in done) / 60, 1)}, indent=2) + "\n")
         if missing:
-            print("not finished (see `dvc queue status`):\n  " + "\n  ".join(missing), file=sys.stderr)
+            print("neither finished nor collected before (see `dvc queue status`):\n  " + "\n  ".join(missing), file=sys.stderr)
             return 1
     return 0
 

@@ -471,3 +471,14 @@ def test_queue_state_counts_only_the_named_cells_by_their_exact_name():
     # exact names: exp-sgd-ipa-b600-s0 is not a prefix match of the b6000 / b60000 rows
     assert paper_grid.queue_state(QUEUE_STATUS, ["exp-sgd-ipa-b600-s0"]) == (0, 0, 1)
     assert paper_grid.queue_state("No experiment tasks in the queue.\n", names) == (0, 0, 0)
+
+
+def test_cells_collected_by_an_earlier_checkout_count_as_run(tmp_path):
+    import experiments  # scripts/experiments.py
+
+    (tmp_path / "exp-k96-sft-s0").mkdir()
+    (tmp_path / "exp-k96-sft-s0" / "cell.json").write_text("{}")  # collected before; its experiment is gone
+    (tmp_path / "exp-k96-sft-s1").mkdir()  # a folder without cell.json was never collected
+    names = ["exp-k96-sft-s0", "exp-k96-sft-s1", "exp-k24-sft-s0", "exp-k24-sft-s1"]
+    exps = {"exp-k24-sft-s0": {"rev": "0" * 40, "timestamp": "2026-12-02T14:00:00"}}
+    assert experiments.not_run(names, exps, tmp_path) == ["exp-k96-sft-s1", "exp-k24-sft-s1"]

@@ -413,23 +413,33 @@ def plot_experiments(cells: Sequence[ExpCell], out_dir: str | Path) -> dict[str,
 
 def _table(cells: Sequence[ExpCell], labels: Sequence[str], metrics: Sequence[str]) -> list[str]:
     lines = ["| cell | seeds | step | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 3)]
-    first = True
+
+    def gated_set(c: ExpCell) -> tuple:  # the base's train poses (its gap) follow the gated set
+        g = c.params.get("gate") or {}
+        return g.get("top_k"), g.get("subset")
+
+    present = [c for c in cells if c.label in labels]
+    several = len({gated_set(c) for c in present}) > 1
+    based: set[tuple] = set()
     for lab in labels:
         group = sorted((c for c in cells if c.label == lab), key=lambda c: c.seed)
         if not group:
             continue
         steps = sorted(set.intersection(*[set(c.points) for c in group]))
         for s in steps:
-            if s == 0 and not first:
-                continue  # one base row per table: the same base for every cell
+            if s == 0 and gated_set(group[0]) in based:
+                continue  # one base row per gated set: the same base model for every cell
             vals = [point_summary(c, s) for c in group]
-            cellname = "base" if s == 0 else f"{lab} ({TITLES.get(group[0].loss, group[0].loss)})"
+            if s == 0:
+                based.add(gated_set(group[0]))
+                cellname = f"base ({group[0].group} gated set)" if several else "base"
+            else:
+                cellname = f"{lab} ({TITLES.get(group[0].loss, group[0].loss)})"
             row = []
             for m in metrics:
                 v = [x[m] for x in vals if m in x and math.isfinite(x[m])]
                 row.append((f"{np.mean(v):.4f}" if m == "diversity" else f"{np.mean(v):.3f}") if v else "—")
             lines.append(f"| {cellname} | {len(group)} | {s} | " + " | ".join(row) + " |")
-            first = False
     return lines
 
 
