@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,8 +251,6 @@ def existing_experiments(repo: Path, env: dict, prefix: str = PREFIX) -> dict[st
 
 def queue_state(status: str, names: list[str]) -> tuple[int, int, int]:
     """(queued, running, workers) of `dvc queue status` output, counting only the tasks named `names`."""
-    import re
-
     tasks = [line.split() for line in status.splitlines()]
     mine = [t for t in tasks if len(t) >= 2 and t[1] in names]
     queued = sum("Queued" in t for t in mine)

@@ -426,12 +426,13 @@ def _table(cells: Sequence[ExpCell], labels: Sequence[str], metrics: Sequence[st
         if not group:
             continue
         steps = sorted(set.intersection(*[set(c.points) for c in group]))
+        base_key = gated_set(group[0])
         for s in steps:
-            if s == 0 and gated_set(group[0]) in based:
+            if s == 0 and base_key in based:
                 continue  # one base row per gated set: the same base model for every cell
             vals = [point_summary(c, s) for c in group]
             if s == 0:
-                based.add(gated_set(group[0]))
+                based.add(base_key)
                 cellname = f"base ({group[0].group} gated set)" if several else "base"
             else:
                 cellname = f"{lab} ({TITLES.get(group[0].loss, group[0].loss)})"
